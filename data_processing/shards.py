@@ -1,0 +1,250 @@
+"""Read and write Code Clippy / lm_dataformat shards: one JSON object per line.
+
+A record is ``{"text": str, "meta": {...}}``. Reading accepts ``*.jsonl``, ``*.jsonl.gz`` and
+``*.jsonl.zst`` (also ``*.json.zst`` and ``*.jsonl.zstd`` as lm_dataformat wrote them), from
+local paths or any fsspec URL. Writing always goes to a temporary name beside the target and is
+renamed into place only once the shard is complete, so a crash never leaves a half-written file
+under a final name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+SHARD_SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".json.zst", ".jsonl.gz", ".jsonl")
+
+
+class ShardError(ValueError):
+    """A shard or one of its records is unreadable; the message names file and line."""
+
+
+@dataclass
+class BadRecordCounter:
+    """Counts records skipped with ``skip_bad=True``, by reason, for reports."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.examples) < 20:
+            self.examples.append(f"{where}: {reason}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def is_shard(path: str | os.PathLike) -> bool:
+    """True when the file name has one of the shard suffixes."""
+    return str(path).endswith(SHARD_SUFFIXES)
+
+
+def list_shards(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Sorted shard paths under a directory (recursively), a glob/URL, or an explicit list.
+
+    Raises ``ShardError`` when nothing is found, so an empty data directory is reported clearly
+    instead of producing an empty (or endless) stream.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        paths: list[str] = []
+        for item in source:
+            paths.extend(list_shards(item))
+        return sorted(set(paths))
+    text = os.fspath(source)
+    if "://" in text:
+        import fsspec
+
+        fs, _, roots = fsspec.get_fs_token_paths(text)
+        found: list[str] = []
+        for root in roots:
+            if fs.isdir(root):
+                found.extend(p for p in fs.find(root) if is_shard(p))
+            elif is_shard(root):
+                found.append(root)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        paths = sorted(f"{protocol}://{p}" if "://" not in p else p for p in found)
+    else:
+        p = Path(text)
+        if p.is_dir():
+            paths = sorted(str(f) for f in p.rglob("*") if f.is_file() and is_shard(f))
+        elif p.is_file():
+            paths = [str(p)]
+        else:
+            paths = sorted(str(f) for f in Path().glob(text) if f.is_file() and is_shard(f))
+    if not paths:
+        raise ShardError(f"{text}: no shards found (expected files ending in {', '.join(SHARD_SUFFIXES)})")
+    return paths
+
+
+def _open_binary(path: str):
+    if "://" in path:
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    return open(path, "rb")
+
+
+def _text_stream(path: str, raw) -> io.TextIOBase:
+    if path.endswith((".zst", ".zstd")):
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return io.TextIOWrapper(reader, encoding="utf-8", newline="\n")
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8", newline="\n")
+    return io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
+
+
+def iter_lines(path: str | os.PathLike, start_line: int = 0) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, raw_line)`` (1-based) from a shard, skipping ``start_line`` lines.
+
+    A corrupt or truncated stream raises ``ShardError`` naming the file and the line at which
+    reading failed.
+    """
+    path = os.fspath(path)
+    lineno = 0
+    try:
+        with _open_binary(path) as raw, _text_stream(path, raw) as stream:
+            for lineno, line in enumerate(stream, start=1):  # noqa: B007 (used in except)
+                if lineno <= start_line:
+                    continue
+                yield lineno, line
+    except FileNotFoundError as err:
+        raise ShardError(f"{path}: file not found") from err
+    except (zstandard.ZstdError, OSError, EOFError, UnicodeDecodeError) as err:
+        raise ShardError(
+            f"{path}:{lineno + 1}: unreadable shard ({type(err).__name__}: {err})"
+        ) from err
+
+
+def parse_record(line: str, where: str) -> dict[str, Any]:
+    """Parse one JSON line into a record, checking it has a string ``text``."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ShardError(f"{where}: not a JSON object ({err.msg})") from err
+    if not isinstance(record, dict):
+        raise ShardError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if not isinstance(record.get("text"), str):
+        raise ShardError(f"{where}: record has no string field 'text'")
+    meta = record.get("meta")
+    if meta is None:
+        record["meta"] = {}
+    elif not isinstance(meta, dict):
+        raise ShardError(f"{where}: field 'meta' must be an object, got {type(meta).__name__}")
+    return record
+
+
+def iter_records(
+    path: str | os.PathLike,
+    *,
+    skip_bad: bool = False,
+    bad: BadRecordCounter | None = None,
+    start_line: int = 0,
+) -> Iterator[dict[str, Any]]:
+    """Yield records of one shard. Bad lines raise ``ShardError`` naming file:line, or are
+    counted in ``bad`` and skipped when ``skip_bad`` is set. Blank lines are ignored."""
+    path = os.fspath(path)
+    lines = iter_lines(path, start_line=start_line)
+    while True:
+        try:
+            lineno, line = next(lines)
+        except StopIteration:
+            return
+        except ShardError as err:
+            # A corrupt stream ends the shard: nothing after it can be read.
+            if not skip_bad:
+                raise
+            if bad is not None:
+                bad.add("unreadable shard", str(err).split(": ", 1)[0])
+            return
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield parse_record(line, where)
+        except ShardError as err:
+            if not skip_bad:
+                raise
+            if bad is not None:
+                bad.add(str(err)[len(where) + 2 :], where)
+
+
+def iter_dir_records(source, *, skip_bad: bool = False, bad: BadRecordCounter | None = None):
+    """Yield records of every shard under ``source`` in sorted shard order."""
+    for path in list_shards(source):
+        yield from iter_records(path, skip_bad=skip_bad, bad=bad)
+
+
+class ShardWriter:
+    """Write records to ``path`` atomically: a temporary file in the same folder, renamed on
+    ``close()``. Used as a context manager; an exception inside the block deletes the
+    temporary file and leaves no shard behind.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, level: int = 3):
+        self.path = Path(path)
+        if not is_shard(self.path):
+            raise ValueError(f"{self.path}: shard names must end in one of {SHARD_SUFFIXES}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._tmp = Path(tmp)
+        self._raw = os.fdopen(fd, "wb")
+        name = str(self.path)
+        if name.endswith((".zst", ".zstd")):
+            self._stream = zstandard.ZstdCompressor(level=level).stream_writer(self._raw, closefd=False)
+        elif name.endswith(".gz"):
+            self._stream = gzip.GzipFile(fileobj=self._raw, mode="wb", mtime=0)
+        else:
+            self._stream = self._raw
+        self.count = 0
+        self.bytes_written = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        data = line.encode("utf-8")
+        self._stream.write(data)
+        self.count += 1
+        self.bytes_written += len(data)
+
+    def close(self) -> None:
+        if self._stream is not self._raw:
+            self._stream.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            if self._stream is not self._raw:
+                self._stream.close()
+            self._raw.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_shard(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
+    """Write all ``records`` to one shard atomically; returns the record count."""
+    with ShardWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    return writer.count
