@@ -1,0 +1,112 @@
+"""The Flax model against Hugging Face PyTorch (fp32), both directions, both families."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import tiny_hf_gpt2, tiny_hf_gpt_neo
+from train import convert
+from train import model as M
+from train.config import ModelConfig
+
+FP32 = ModelConfig(compute_dtype="float32")
+
+
+def _flax_logits(cfg, params, ids):
+    return np.asarray(M.Transformer(cfg).apply({"params": params}, jnp.asarray(ids)))[..., : cfg.vocab_size]
+
+
+@pytest.mark.parametrize("make_hf", [tiny_hf_gpt_neo, tiny_hf_gpt2], ids=["gpt_neo", "gpt2"])
+def test_hf_to_flax_logits_match(make_hf):
+    hf = make_hf()
+    cfg = convert.model_config_from_hf(hf.config.to_dict(), FP32)
+    params = convert.hf_to_params({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+    # 40 positions > window 8: the local layers' window matters.
+    ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 40))
+    ref = hf(torch.tensor(ids)).logits.detach().numpy()
+    np.testing.assert_allclose(_flax_logits(cfg, params, ids), ref, atol=1e-4, rtol=0)
+
+
+def test_local_window_changes_logits():
+    """Guards the test above: with the window ignored the logits must differ, so parity is
+    really checking the local attention."""
+    hf = tiny_hf_gpt_neo()
+    cfg = convert.model_config_from_hf(hf.config.to_dict(), FP32)
+    params = convert.hf_to_params({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+    ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, 40))
+    all_global = cfg.__class__(**{**cfg.__dict__, "attention_layers": ("global",)})
+    diff = np.abs(_flax_logits(cfg, params, ids) - _flax_logits(all_global, params, ids))
+    assert diff[:, :8].max() < 1e-5 and diff[:, 8:].max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "gpt2"])
+def test_flax_to_hf_logits_match(family):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM
+
+    layers = ("global", "local") if family == "gpt_neo" else ("global",)
+    cfg = ModelConfig(family=family, vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, window_size=8,
+                      max_position_embeddings=64, attention_layers=layers, compute_dtype="float32")
+    import jax
+
+    params = jax.tree_util.tree_map(np.asarray, M.init_params(cfg, jax.random.PRNGKey(1)))
+    params = __import__("flax").linen.meta.unbox(params)
+    sd = convert.params_to_hf(params, cfg)
+    assert sd["transformer.wte.weight"].shape == (300, 64)  # padding rows stripped
+    hf_cfg = convert.hf_config_dict(cfg)
+    hf_cfg.pop("model_type")
+    hf = (GPTNeoForCausalLM(GPTNeoConfig(**hf_cfg)) if family == "gpt_neo"
+          else GPT2LMHeadModel(GPT2Config(**hf_cfg))).eval()
+    missing, unexpected = hf.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, strict=False)
+    assert not unexpected and all("attn.bias" in k or "masked_bias" in k for k in missing)
+    ids = np.random.RandomState(1).randint(0, 300, (2, 40))
+    ref = hf(torch.tensor(ids)).logits.detach().numpy()
+    np.testing.assert_allclose(_flax_logits(cfg, params, ids), ref, atol=1e-4, rtol=0)
+    # and back again, bit-identical
+    again = convert.hf_to_params(sd, cfg)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(again), jax.tree_util.tree_leaves(params),
+                            strict=True):
+        rows = cfg.vocab_size if jax.tree_util.keystr(path) == "['wte']" else None  # padding is not exported
+        np.testing.assert_array_equal(a[:rows], np.asarray(b)[:rows])
+
+
+def test_padded_vocab_is_masked_and_multiple_of_128():
+    cfg = ModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=16,
+                      compute_dtype="float32")
+    assert cfg.padded_vocab_size == 384
+    import jax
+
+    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    logits = np.asarray(M.Transformer(cfg).apply({"params": params}, jnp.zeros((1, 5), jnp.int32)))
+    assert logits.shape == (1, 5, 384)
+    assert (logits[..., 300:] <= np.finfo(np.float32).min / 2).all()
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    assert probs[..., 300:].max() == 0.0
+
+
+@pytest.mark.parametrize("make_hf", [tiny_hf_gpt_neo, tiny_hf_gpt2], ids=["gpt_neo", "gpt2"])
+def test_kv_cache_decoding_equals_full_forward(make_hf):
+    hf = make_hf()
+    cfg = convert.model_config_from_hf(hf.config.to_dict(), FP32)
+    params = convert.hf_to_params({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+    ids = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 30))
+    full = _flax_logits(cfg, params, ids)
+    cache = M.init_cache(cfg, params, 2, 32)
+    pos = np.broadcast_to(np.arange(30), (2, 30))
+    logits, cache = M.decode_step(cfg, params, cache, jnp.asarray(ids[:, :20]), jnp.asarray(pos[:, :20]))
+    steps = [np.asarray(logits)]
+    for t in range(20, 30):
+        logits, cache = M.decode_step(cfg, params, cache, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(pos[:, t:t + 1]))
+        steps.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(steps, 1)[..., : cfg.vocab_size], full, atol=1e-4, rtol=0)
+
+
+def test_dot_product_attention_and_remat_match_einsum():
+    hf = tiny_hf_gpt_neo()
+    cfg = convert.model_config_from_hf(hf.config.to_dict(), FP32)
+    params = convert.hf_to_params({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+    ids = np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 40))
+    ref = _flax_logits(cfg, params, ids)
+    for change in ({"attention_impl": "dot_product"}, {"remat": "full"}, {"remat": "dots"}):
+        other = cfg.__class__(**{**cfg.__dict__, **change})
+        np.testing.assert_allclose(_flax_logits(other, params, ids), ref, atol=1e-5, rtol=0, err_msg=str(change))

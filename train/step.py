@@ -1,0 +1,200 @@
+"""The train and eval steps: pure functions, jitted over the mesh with explicit shardings.
+
+``train_step(state, batch)`` takes a global token batch ``[B, T + 1]`` (inputs are ``[:, :-1]``,
+labels ``[:, 1:]``), splits it into ``grad_accum_steps`` micro-batches, accumulates fp32
+gradients, and applies one AdamW update. Activations run in ``model.compute_dtype`` (bf16 by
+default); master weights, optimizer state, logits for the loss and the loss itself are fp32.
+The state is donated so its buffers are reused for the new state.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from train import sharding
+from train.config import Config, ModelConfig
+from train.model import Transformer, mask_padded_vocab
+from train.optimizer import learning_rate_schedule, make_optimizer
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # number of optimizer updates applied so far
+    params: Any  # fp32 master weights
+    opt_state: Any  # optax state (fp32)
+
+
+def token_losses(logits_BTV: jax.Array, labels_BT: jax.Array) -> jax.Array:
+    """Per-token cross entropy in fp32, [B, T]."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    label_logit_BT = jnp.take_along_axis(logits_BTV, labels_BT[..., None], axis=-1)[..., 0]
+    return log_z_BT - label_logit_BT
+
+
+def _chunked_loss_sum(model: Transformer, params, h_BTD, labels_BT, chunk: int) -> jax.Array:
+    """Sum of token losses computed ``chunk`` positions at a time, so the fp32 logits of the whole
+    batch ``[B, T, V]`` never exist at once (checkpointed: recomputed in the backward pass)."""
+    B, T, D = h_BTD.shape
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    h_NBCD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
+    labels_NBC = jnp.pad(labels_BT, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
+    valid_NBC = (jnp.arange(n * chunk) < T).reshape(n, 1, chunk)
+
+    @jax.checkpoint
+    def one(h_BCD, labels_BC, valid_1C):
+        logits = model.apply({"params": params}, h_BCD, method=Transformer.logits)
+        return jnp.sum(token_losses(logits, labels_BC) * valid_1C)
+
+    def body(total, xs):
+        return total + one(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_NBCD, labels_NBC, valid_NBC))
+    return total
+
+
+def loss_fn(params, tokens_BT1, cfg: ModelConfig, dropout_rng=None) -> jax.Array:
+    """Mean next-token cross entropy (fp32) of a packed token batch ``[B, T + 1]``."""
+    inputs_BT, labels_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+    model = Transformer(cfg)
+    deterministic = dropout_rng is None
+    rngs = {} if deterministic else {"dropout": dropout_rng}
+    if cfg.loss_chunk_size and cfg.loss_chunk_size < inputs_BT.shape[1]:
+        h_BTD = model.apply({"params": params}, inputs_BT, None, deterministic, method=Transformer.hidden,
+                            rngs=rngs)
+        return _chunked_loss_sum(model, params, h_BTD, labels_BT, cfg.loss_chunk_size) / labels_BT.size
+    logits_BTV = model.apply({"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs)
+    return jnp.mean(token_losses(logits_BTV, labels_BT))
+
+
+def _uses_dropout(cfg: ModelConfig) -> bool:
+    return max(cfg.embed_dropout, cfg.attention_dropout, cfg.resid_dropout) > 0
+
+
+def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: Config, tx: optax.GradientTransformation,
+               seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update over the whole global batch; returns the new state and metrics
+    (``loss`` = mean over all micro-batches, ``grad_norm``, ``learning_rate``)."""
+    mcfg = cfg.model
+    accum = cfg.optimizer.grad_accum_steps
+    B = tokens_BT1.shape[0]
+    # Micro-batch i takes rows i, i + accum, ...: every data shard contributes to every
+    # micro-batch, so splitting needs no communication.
+    micro_ABT1 = tokens_BT1.reshape(B // accum, accum, -1).swapaxes(0, 1)
+    micro_ABT1 = jax.lax.with_sharding_constraint(micro_ABT1, PartitionSpec(None, sharding.BATCH_AXES, None))
+    base_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def micro(carry, xs):
+        loss_sum, grad_sum = carry
+        i, tokens = xs
+        rng = jax.random.fold_in(base_rng, i) if _uses_dropout(mcfg) else None
+        loss, grads = grad_fn(state.params, tokens, mcfg, rng)
+        grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
+        return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    if accum == 1:
+        (loss_sum, grad_sum), _ = micro((jnp.zeros((), jnp.float32), zeros), (0, micro_ABT1[0]))
+    else:
+        (loss_sum, grad_sum), _ = jax.lax.scan(
+            micro, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum), micro_ABT1)
+        )
+    loss = loss_sum / accum
+    grads = jax.tree_util.tree_map(lambda g: g / accum, grad_sum)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    schedule = learning_rate_schedule(cfg.optimizer, cfg.schedule)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state.step),
+    }
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, tokens_BT1: jax.Array, *, cfg: Config) -> dict[str, jax.Array]:
+    """Summed token loss and token count of a validation batch (sums, so batches combine exactly)."""
+    mcfg = cfg.model
+    logits_BTV = Transformer(mcfg).apply({"params": params}, tokens_BT1[:, :-1])
+    losses_BT = token_losses(logits_BTV, tokens_BT1[:, 1:])
+    return {"loss_sum": jnp.sum(losses_BT), "tokens": jnp.asarray(losses_BT.size, jnp.float32)}
+
+
+def next_token_logits(params, tokens_BT: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+    """fp32 logits [B, T, V] with padding masked (used by tests and inspection tools)."""
+    logits = Transformer(cfg).apply({"params": params}, tokens_BT)
+    return mask_padded_vocab(logits.astype(jnp.float32), cfg.vocab_size)
+
+
+class Compiled(struct.PyTreeNode):
+    """Everything the trainer needs to run steps on a mesh."""
+
+    mesh: Mesh = struct.field(pytree_node=False)
+    state_shardings: Any = struct.field(pytree_node=False)
+    batch_sharding: NamedSharding = struct.field(pytree_node=False)
+    init: Any = struct.field(pytree_node=False)  # rng -> TrainState (sharded)
+    train_step: Any = struct.field(pytree_node=False)  # (state, batch) -> (state, metrics)
+    eval_step: Any = struct.field(pytree_node=False)  # (params, batch) -> sums
+
+
+def _boxed_init(cfg: Config, tx, rng, seq_len: int) -> TrainState:
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    params = Transformer(cfg.model).init(rng, ids)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def compile_steps(cfg: Config, mesh: Mesh) -> Compiled:
+    """Build the jitted init/train/eval functions with in/out shardings from the logical rules.
+
+    ``init(rng)`` creates parameters and optimizer state already sharded (never materialised on
+    one device); ``train_step`` donates its state argument."""
+    tx = make_optimizer(cfg.optimizer, cfg.schedule)
+    seq = min(8, cfg.model.max_position_embeddings)
+    with sharding.rules_context():
+        abstract = jax.eval_shape(functools.partial(_boxed_init, cfg, tx, seq_len=seq), jax.random.PRNGKey(0))
+        logical = nn.get_partition_spec(abstract)
+        state_sh = sharding.logical_to_sharding(logical, mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    repl = sharding.replicated(mesh)
+
+    def init(rng):
+        return nn.meta.unbox(_boxed_init(cfg, tx, rng, seq))
+
+    def wrapped_train(state, batch):
+        with sharding.rules_context():
+            return train_step(state, batch, cfg=cfg, tx=tx, seed=cfg.train.seed)
+
+    def wrapped_eval(params, batch):
+        with sharding.rules_context():
+            return eval_step(params, batch, cfg=cfg)
+
+    jit_init = jax.jit(init, out_shardings=state_sh)
+    jit_train = jax.jit(wrapped_train, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
+                        donate_argnums=0)
+    jit_eval = jax.jit(wrapped_eval, in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
+
+    def with_mesh(fn):
+        @functools.wraps(fn)
+        def run(*args):
+            with jax.sharding.set_mesh(mesh):
+                return fn(*args)
+
+        run.lower = lambda *args: _lower(fn, mesh, *args)
+        return run
+
+    return Compiled(mesh=mesh, state_shardings=state_sh, batch_sharding=batch_sh, init=with_mesh(jit_init),
+                    train_step=with_mesh(jit_train), eval_step=with_mesh(jit_eval))
+
+
+def _lower(fn, mesh, *args):
+    with jax.sharding.set_mesh(mesh):
+        return fn.lower(*args)
