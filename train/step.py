@@ -115,7 +115,7 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: Config, tx: opt
     schedule = learning_rate_schedule(cfg.optimizer, cfg.schedule)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
