@@ -50,8 +50,9 @@ def activation_fn(name: str):
 
 
 def attention_mask(q_pos_T: jax.Array, k_pos_S: jax.Array, window: int | None) -> jax.Array:
-    """Boolean [T, S] mask: causal, and for local layers only the last ``window`` positions."""
-    allowed_TS = k_pos_S[None, :] <= q_pos_T[:, None]
+    """Boolean [T, S] mask: causal, and for local layers only the last ``window`` positions.
+    Keys at negative positions are left padding (batched prompts of different lengths)."""
+    allowed_TS = (k_pos_S[None, :] <= q_pos_T[:, None]) & (k_pos_S[None, :] >= 0)
     if window is not None:
         allowed_TS &= q_pos_T[:, None] - k_pos_S[None, :] < window
     return allowed_TS
@@ -245,7 +246,7 @@ class Transformer(nn.Module):
         # full rematerialization"); one explicit all-gather per step is cheap at this size.
         wte_VD = nn.with_logical_constraint(self.wte, (None, None))
         wpe_PD = nn.with_logical_constraint(self.wpe, (None, None))
-        x_BTD = jnp.take(wte_VD, input_ids_BT, axis=0) + jnp.take(wpe_PD, positions_BT, axis=0)
+        x_BTD = jnp.take(wte_VD, input_ids_BT, axis=0) + jnp.take(wpe_PD, jnp.maximum(positions_BT, 0), axis=0)
         x_BTD = nn.with_logical_constraint(x_BTD.astype(dtype), ("act_batch", "act_seq", "act_embed"))
         x_BTD = self.drop(x_BTD, deterministic=deterministic)
         for block in self.blocks:

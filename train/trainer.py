@@ -1,0 +1,265 @@
+"""The training loop: compose config, mesh, model, loader, optimizer, checkpoints and metrics.
+
+One call, ``train(cfg)``: builds (or resumes) the sharded state, streams batches, steps,
+evaluates, logs and checkpoints. Resumption is exact: the checkpoint holds the optimizer state,
+the step (from which dropout keys and the schedule derive) and every host's loader position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from train import config as C
+from train import distributed, sharding
+from train.checkpoint import Checkpointer, gather_host_states
+from train.metrics import MetricsWriter, Throughput, device_peak_flops, measured_cpu_peak_flops
+from train.step import compile_steps
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (diverged, bad data, mismatched tokenizer); the message says why."""
+
+
+def tokenizer_info(path: str | Path) -> tuple[int, int]:
+    """(vocabulary size incl. added tokens, end-of-text id) of the tokenizer folder at ``path``."""
+    from tokenizers import Tokenizer
+
+    file = Path(path) / "tokenizer.json"
+    if not file.exists():
+        raise C.ConfigError(
+            f"tokenizer.path: {path} has no tokenizer.json (train one with python -m tokenizer.train_tokenizer)"
+        )
+    tok = Tokenizer.from_file(str(file))
+    eos = tok.token_to_id(EOS_TOKEN)
+    if eos is None:
+        raise C.ConfigError(f"tokenizer.path: {file} has no {EOS_TOKEN} token")
+    return tok.get_vocab_size(with_added_tokens=True), eos
+
+
+def resolve(cfg: C.Config, device_count: int) -> C.Config:
+    """Fill the values left to the run (vocabulary from the tokenizer, global batch from devices)
+    so that the saved config repeats the run exactly."""
+    if not cfg.model.init_from:
+        vocab, _ = tokenizer_info(cfg.tokenizer.path)
+        if cfg.model.vocab_size == 0:
+            cfg = C.replace(cfg, model={"vocab_size": vocab})
+        elif cfg.model.vocab_size < vocab:
+            raise C.ConfigError(
+                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens "
+                f"({cfg.tokenizer.path}); set it to 0 to take the tokenizer's size"
+            )
+    if cfg.train.batch_size == 0:
+        cfg = C.replace(cfg, train={"batch_size": C.global_batch_size(cfg, device_count)})
+    C.validate_for_devices(cfg, device_count)
+    return cfg
+
+
+def _make_loaders(cfg: C.Config, batch_per_host: int):
+    from data_processing.loader import TokenLoader, validation_batches
+
+    d = cfg.data
+    loader = TokenLoader(
+        d.train_dir, cfg.tokenizer.path, block_size=d.block_size, batch_size_per_host=batch_per_host,
+        seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
+        process_index=jax.process_index(), process_count=jax.process_count(), skip_bad=d.skip_bad,
+        prefetch=d.prefetch, tokenize_batch=d.tokenize_batch,
+    )
+    val = []
+    if cfg.train.eval_every and d.eval_batches:
+        val = list(validation_batches(
+            d.validation_dir, cfg.tokenizer.path, block_size=d.block_size, batch_size_per_host=batch_per_host,
+            num_batches=d.eval_batches, process_index=jax.process_index(), process_count=jax.process_count(),
+        ))
+    return loader, val
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (preemptible TPUs)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # Outside the main thread signals cannot be caught: leave them alone.
+            with contextlib.suppress(ValueError):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def evaluate(compiled, params, val_batches: list[np.ndarray]) -> dict[str, float]:
+    """Mean token loss and perplexity over the fixed validation batches."""
+    total, tokens = 0.0, 0.0
+    for host_batch in val_batches:
+        out = compiled.eval_step(params, sharding.global_batch(host_batch, compiled.mesh))
+        total += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    loss = total / max(tokens, 1.0)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Train until ``train.max_steps`` (or ``stop_after`` steps in this call, for tests that
+    simulate an interruption). Returns a summary with the final step and losses."""
+    distributed.initialize(cfg.mesh)
+    cfg = resolve(cfg, jax.device_count())
+    is_main = jax.process_index() == 0
+    run_dir = Path(cfg.run.output_dir)
+    if is_main:
+        C.save(cfg, run_dir)
+    mesh = sharding.make_mesh(cfg)
+    compiled = compile_steps(cfg, mesh)
+    batch_per_host = cfg.train.batch_size // jax.process_count()
+    loader, val_batches = _make_loaders(cfg, batch_per_host)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    writer = MetricsWriter(run_dir, cfg, active=is_main)
+
+    state = compiled.init(jax.random.PRNGKey(cfg.train.seed))
+    start = ckpt.latest_step()
+    if start is not None:
+        state, loader_states, _ = ckpt.restore(start, state)
+        own = loader_states.get(str(jax.process_index()))
+        if own is None or len(loader_states) != jax.process_count():
+            raise TrainingError(
+                f"{ckpt.directory}/{start}: saved by {len(loader_states)} processes, now {jax.process_count()}; "
+                "the data position cannot be carried over"
+            )
+        loader.restore(own)
+        print(f"[train] resumed from step {start} in {ckpt.directory}", flush=True)
+    step = int(state.step)
+
+    peak = device_peak_flops(jax.devices()[0])
+    if peak is None and jax.devices()[0].platform == "cpu":
+        # Simulated CPU devices share the same cores: each gets its share of the measured peak.
+        peak = measured_cpu_peak_flops() / jax.local_device_count()
+    throughput = Throughput(cfg, cfg.train.batch_size * cfg.data.block_size, jax.device_count(), peak)
+    tokens_per_step = cfg.train.batch_size * cfg.data.block_size
+    end = cfg.train.max_steps if stop_after is None else min(cfg.train.max_steps, step + stop_after)
+    pending: list[tuple[int, dict]] = []
+    last_good_save = start
+    history: list[dict[str, Any]] = []
+    progress = _progress(cfg, is_main, step, cfg.train.max_steps)
+    t_start = time.time()
+
+    def flush() -> None:
+        """Fetch the metrics of the steps since the last flush (one host sync), check them, log."""
+        nonlocal pending
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        steps = [s for s, _ in pending]
+        pending = []
+        losses = [float(m["loss"]) for m in fetched]
+        bad = [s for s, loss in zip(steps, losses, strict=True) if not math.isfinite(loss)]
+        if bad:
+            where = f"step {last_good_save}" if last_good_save is not None else "none"
+            raise TrainingError(
+                f"step {bad[0]}: loss is {losses[steps.index(bad[0])]}; stopping. Last good checkpoint: {where} "
+                f"in {ckpt.directory}"
+            )
+        throughput.add_steps(len(steps))
+        rates = throughput.rates()
+        for s, m in zip(steps, fetched, strict=True):
+            record = {"step": s, "loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
+                      "grad_norm": float(m["grad_norm"]), "tokens": s * tokens_per_step, **rates,
+                      "elapsed_s": round(time.time() - t_start, 3)}
+            writer.write(record)
+            history.append(record)
+        if progress is not None:
+            progress.update(len(steps))
+            mfu = rates["mfu"]
+            progress.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rates['tokens_per_second']:.0f}",
+                                 mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%")
+
+    def save(at: int, force: bool = False) -> None:
+        nonlocal last_good_save
+        flush()  # never checkpoint a state whose loss we have not checked
+        host_states = gather_host_states(loader.state())
+        meta = {"step": at, "config": C.to_dict(cfg), "tokens": at * tokens_per_step}
+        ckpt.save(at, state, host_states, meta, force=force)
+        last_good_save = at
+
+    eval_results: dict[str, float] = {}
+    with _StopSignal() as stop:
+        try:
+            while step < end:
+                host_batch = next(loader)
+                state, metrics = compiled.train_step(state, sharding.global_batch(host_batch, mesh))
+                step += 1
+                pending.append((step, metrics))
+                if step % cfg.train.log_every == 0:
+                    flush()
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and val_batches:
+                    flush()
+                    eval_results = evaluate(compiled, state.params, val_batches)
+                    writer.write({"step": step, **eval_results, "tokens": step * tokens_per_step})
+                    if is_main:
+                        print(f"[eval] step {step}: loss {eval_results['eval_loss']:.4f} "
+                              f"perplexity {eval_results['perplexity']:.2f}", flush=True)
+                if step % cfg.train.save_every == 0:
+                    save(step)
+                if stop.received:
+                    print(f"[train] {stop.received} received: saving step {step} and exiting", flush=True)
+                    break
+            flush()
+            if step != last_good_save:
+                save(step, force=True)
+        finally:
+            ckpt.close()
+            loader.close()
+            writer.close()
+            if progress is not None:
+                progress.close()
+    return {"step": step, "history": history, "eval": eval_results, "run_dir": str(run_dir),
+            "stopped_by": stop.received}
+
+
+def _progress(cfg: C.Config, is_main: bool, initial: int, total: int):
+    if not (is_main and cfg.logging.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def restore_params(run_dir: str | Path, step: int | None = None, *, mesh=None):
+    """Parameters (and the run's config) of a checkpoint, on one device by default: what export,
+    sampling and evaluation need, without the optimizer state."""
+    run_dir = Path(run_dir)
+    cfg = C.load(run_dir / "config.yaml")
+    cfg = dataclasses.replace(cfg, mesh=C.MeshConfig(data=1, fsdp=1, tensor=1))
+    if mesh is None:
+        mesh = sharding.make_mesh(C.replace(cfg, train={"batch_size": 1, "per_device_batch_size": 1},
+                                            optimizer={"grad_accum_steps": 1}), jax.devices()[:1])
+    compiled = compile_steps(cfg, mesh)
+    target = jax.eval_shape(compiled.init, jax.random.PRNGKey(0))
+    target = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, compiled.state_shardings
+    )
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=10**6, async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"{run_dir}/checkpoints: no checkpoint found")
+        state, _, meta = ckpt.restore(step, target)
+    finally:
+        ckpt.close()
+    return cfg, state.params, int(meta["step"])
