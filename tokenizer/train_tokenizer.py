@@ -217,6 +217,10 @@ def save_tokenizer(fast, out: str | os.PathLike) -> Path:
 
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished folder ``tmp`` to ``out``, replacing ``out`` if it exists."""
+    # mkdtemp makes the folder owner-only; give it the permissions a plain mkdir would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
