@@ -166,8 +166,18 @@ def _tiny_gpt_neo(vocab_size: int, dtype):
     return GPTNeoForCausalLM(config).to(dtype).eval()
 
 
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-def test_hf_gpt_neo_folder_roundtrip(tmp_path, capsys, dtype_name):
+def _write_legacy_tokenizer(tok, folder):
+    """Save ``tok`` as GPT-2's vocab.json + merges.txt, as EleutherAI/gpt-neo-125M ships it."""
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    vocab = dict(model["vocab"])
+    vocab[EOS_TOKEN] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+@pytest.mark.parametrize(("dtype_name", "legacy"), [("float32", False), ("bfloat16", True)])
+def test_hf_gpt_neo_folder_roundtrip(tmp_path, capsys, dtype_name, legacy):
     import torch
     from transformers import AutoTokenizer, GPTNeoForCausalLM
 
@@ -176,7 +186,11 @@ def test_hf_gpt_neo_folder_roundtrip(tmp_path, capsys, dtype_name):
     tok = small_tokenizer(400)
     model = _tiny_gpt_neo(len(tok), dtype)
     model.save_pretrained(str(src))
-    tok.save_pretrained(str(src))
+    if legacy:
+        _write_legacy_tokenizer(tok, src)
+        assert load_tokenizer(src).encode("x = 1\n") == tok.encode("x = 1\n")
+    else:
+        tok.save_pretrained(str(src))
     (src / "README.md").write_text("model card\n")
     text = "def f(x):\n\treturn x + 1\n"  # no run of 2+ spaces or 2 tabs: no new token
     ids = torch.tensor([tok.encode(text)])
@@ -189,6 +203,12 @@ def test_hf_gpt_neo_folder_roundtrip(tmp_path, capsys, dtype_name):
     new_model = GPTNeoForCausalLM.from_pretrained(str(out)).eval()
     new_tok = AutoTokenizer.from_pretrained(str(out))
     assert (out / "README.md").read_text() == "model card\n"
+    assert not (out / "vocab.json").exists(), "stale tokenizer file copied"
+    assert (
+        json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"]
+        == "PreTrainedTokenizerFast"
+    )
+    assert json.loads((out / "special_tokens_map.json").read_text())["eos_token"] == EOS_TOKEN
     assert new_model.config.vocab_size == len(new_tok) == 404
     wte = new_model.get_input_embeddings().weight.detach()
     assert wte.dtype == dtype and wte.shape == (404, 32)

@@ -52,6 +52,20 @@ def test_cli_trains_exact_vocab_with_eos_last_and_autotokenizer_loads(tmp_path, 
     text = "def f(x):\n\treturn x  # é 😀\r\n"
     assert tok.decode(tok.encode(text)) == text
     assert "700 tokens" in capsys.readouterr().out
+    # Loadable by transformers 4.x too: a class name it knows, and the special-tokens map.
+    assert (
+        json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"]
+        == "PreTrainedTokenizerFast"
+    )
+    assert json.loads((out / "special_tokens_map.json").read_text())["eos_token"] == EOS_TOKEN
+
+
+def test_cli_warns_in_one_line_when_corpus_is_too_small(tmp_path, capsys):
+    data = write_sample_shards(tmp_path / "train", ["x = 1\n"] * 5)
+    assert main(["--data", str(data), "--out", str(tmp_path / "tok"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: corpus too small for --vocab-size 50257: reached " in err
+    assert len(load_tokenizer(tmp_path / "tok")) < 300
 
 
 def test_iter_texts_reads_at_most_max_bytes():

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken
 
-from tokenizer.train_tokenizer import TokenizerError, load_tokenizer, replace_dir
+from tokenizer.train_tokenizer import TokenizerError, load_tokenizer, replace_dir, write_tokenizer_files
 
 # Code Clippy's list: two tabs, and runs of 2, 4 and 8 spaces.
 DEFAULT_WHITESPACE_TOKENS = ["\t\t", "  ", "    ", "        "]
@@ -272,6 +272,22 @@ def extend_hf_model(model, old_vocab: int, new_vocab: int, tab_id: int) -> None:
     model.config.vocab_size = new_vocab
 
 
+_TOKENIZER_FILES = {
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+}
+
+
+def _replaced_file(name: str) -> bool:
+    """Files of a Hugging Face folder that the extended model and tokenizer supersede."""
+    weights = name.endswith((".safetensors", ".bin", ".h5", ".msgpack", ".index.json", ".ckpt"))
+    return weights or name in _TOKENIZER_FILES
+
+
 def _check_model_vocab(model_dir: Path, n_tokens: int) -> None:
     """Refuse a model whose vocabulary is smaller than its (already extended) tokenizer."""
     config = model_dir / "config.json"
@@ -295,7 +311,7 @@ def _copy_or_keep(src: Path, out: Path, tok=None) -> None:
     try:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         if tok is not None:
-            tok.save_pretrained(str(tmp))
+            write_tokenizer_files(tok, tmp)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -353,19 +369,13 @@ def run(
                     f"{old_vocab} tokens are dropped (never produced by the tokenizer)"
                 )
             extend_hf_model(model, old_vocab, len(tok), tab_id)
-            # Copy files the model save does not write (README, licence, ...) first.
+            # Copy files the saves below do not write (README, licence, ...) first. Old weights and
+            # tokenizer files are left out: stale copies could be loaded instead of the new ones.
             for f in Path(hf_model_dir).iterdir():
-                if (
-                    f.is_file()
-                    and not f.name.startswith(".")
-                    and not (
-                        f.suffix in (".safetensors", ".bin", ".h5", ".msgpack")
-                        or f.name.endswith(".index.json")
-                    )
-                ):
+                if f.is_file() and not f.name.startswith(".") and not _replaced_file(f.name):
                     shutil.copy2(f, tmp / f.name)
             model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
+        write_tokenizer_files(tok, tmp)
         if report_data is not None:
             summary["report"] = report(before, tok, report_data, report_max_bytes, new, progress)
             (tmp / "report.json").write_text(json.dumps(summary["report"], indent=2) + "\n")

@@ -198,6 +198,23 @@ def load_tokenizer(path: str | os.PathLike, model_max_length: int | None = None)
         raise TokenizerError(f"{path}: {err}") from err
 
 
+def write_tokenizer_files(fast, folder: str | os.PathLike) -> None:
+    """``fast.save_pretrained(folder)``, made loadable by transformers 4.x as well as 5.x.
+
+    transformers 5 records its own class name (``TokenizersBackend``) which 4.x does not know;
+    ``PreTrainedTokenizerFast`` loads ``tokenizer.json`` as it is in both. 5.x also no longer
+    writes ``special_tokens_map.json``, which older loaders read, so it is written here.
+    """
+    folder = Path(folder)
+    fast.save_pretrained(str(folder))
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    specials = {k: EOS_TOKEN for k in ("bos_token", "eos_token", "unk_token")}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
 def save_tokenizer(fast, out: str | os.PathLike) -> Path:
     """Save a fast tokenizer to ``out`` atomically (temporary sibling folder, then rename).
 
@@ -207,7 +224,7 @@ def save_tokenizer(fast, out: str | os.PathLike) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        fast.save_pretrained(str(tmp))
+        write_tokenizer_files(fast, tmp)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -260,9 +277,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.max_bytes is not None and args.max_bytes <= 0:
                 raise TokenizerError(f"--max-bytes {args.max_bytes}: expected a positive number of bytes")
             texts = iter_texts(args.data, max_bytes=args.max_bytes, progress=not args.no_progress)
-            tok = train_bpe(
-                texts, args.vocab_size, min_frequency=args.min_frequency, progress=not args.no_progress
-            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                tok = train_bpe(
+                    texts, args.vocab_size, min_frequency=args.min_frequency, progress=not args.no_progress
+                )
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
             fast = wrap_fast(tok, args.model_max_length)
         save_tokenizer(fast, args.out)
     except (TokenizerError, ShardError) as err:
