@@ -458,6 +458,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['bytes_per_token_before']:.3f} before, {r['bytes_per_token_after']:.3f} after "
             f"({r['tokens_before']:,} -> {r['tokens_after']:,} tokens)"
         )
+        if r["bytes_per_token_after"] < r["bytes_per_token_before"]:
+            # Seen with tokenizers trained on code: BPE had learned newline+indent tokens
+            # ('ĊĠĠĠ'), and the added tokens, matched before pre-tokenisation, split them apart.
+            print(
+                "note: the added tokens make this text take more tokens; this tokenizer already "
+                "encodes indentation well (see docs/tokenizer.md)"
+            )
     print(f"wrote {out}")
     return 0
 
