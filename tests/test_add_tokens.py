@@ -146,6 +146,10 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     )
     assert main(["--tokenizer", str(src), "--tokens", "not json"]) == 2
     assert "--tokens: expected a JSON list of strings" in capsys.readouterr().err
+    assert main(["--hf-model", str(src), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{src}: not a loadable Hugging Face causal LM folder" in err and "\n" not in err
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
     assert len(load_tokenizer(src)) == 400, "a failed run changed the tokenizer"
 
 

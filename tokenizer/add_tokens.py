@@ -332,6 +332,8 @@ def run(
     Writes the result to ``out`` atomically (may equal the source folder). Returns a summary
     with ``added`` (tokens and ids) and, if ``report_data`` is given, the bytes/token report.
     """
+    if tokenizer_dir is None and hf_model_dir is None:
+        raise AddTokensError("give a tokenizer folder, a Hugging Face model folder, or both")
     src = Path(hf_model_dir if hf_model_dir is not None else tokenizer_dir)
     out = Path(out)
     tok = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else src)
@@ -356,7 +358,13 @@ def run(
             from transformers import AutoModelForCausalLM
 
             # dtype="auto": keep the stored precision, so unchanged rows stay bit-identical.
-            model = AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype="auto")
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype="auto")
+            except (OSError, ValueError, KeyError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise AddTokensError(
+                    f"{hf_model_dir}: not a loadable Hugging Face causal LM folder ({first})"
+                ) from err
             rows = model.get_input_embeddings().weight.shape[0]
             if rows < old_vocab:
                 raise AddTokensError(
