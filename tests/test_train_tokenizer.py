@@ -136,6 +136,10 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
     assert main(["--from-existing", str(tmp_path / "notok"), "--out", str(tmp_path / "o")]) == 2
     assert "expected tokenizer.json, or vocab.json and merges.txt" in capsys.readouterr().err
 
+    write_sample_shards(tmp_path / "empty", ["", ""])
+    assert main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "no training text" in capsys.readouterr().err
+
     write_sample_shards(tmp_path / "ok", ["x = 1\n"])
     assert main(["--data", str(tmp_path / "ok"), "--vocab-size", "100", "--out", str(tmp_path / "o")]) == 2
     assert "--vocab-size 100: must be at least 257" in capsys.readouterr().err

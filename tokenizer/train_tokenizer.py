@@ -117,10 +117,19 @@ def train_bpe(
         initial_alphabet=alphabet,
         show_progress=progress,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
-    learned = tok.get_vocab_size(with_added_tokens=False)
-    if learned == 0:
+    seen = 0
+
+    def counted():
+        # The 256 byte symbols are in the vocabulary even with no text, so count the text itself.
+        nonlocal seen
+        for item in texts:
+            seen += len(item) if isinstance(item, str) else sum(map(len, item))
+            yield item
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if seen == 0:
         raise TokenizerError("no training text: the data held no non-empty 'text' field")
+    learned = tok.get_vocab_size(with_added_tokens=False)
     tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
     eos_id = tok.token_to_id(EOS_TOKEN)
     assert eos_id == learned, (eos_id, learned)  # eos must be the last id, as in GPT-2
