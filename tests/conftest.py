@@ -12,3 +12,29 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import sysconfig  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """Real Python files from the standard library as train/validation shards, plus a 512-token
+    BPE trained on them: ``(data_dir, tokenizer_dir)``. Built once per test session."""
+    from data_processing.shards import write_shard
+    from tokenizer.train_tokenizer import save_tokenizer, train_bpe, wrap_fast
+
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if 2_000 < p.stat().st_size < 60_000)[:120]
+    records = [{"text": p.read_text(encoding="utf-8", errors="replace"),
+                "meta": {"repo_name": "stdlib", "file_name": p.name, "language": "Python"}} for p in files]
+    write_shard(root / "data" / "train" / "train-00000.jsonl.zst", records[:60])
+    write_shard(root / "data" / "train" / "train-00001.jsonl.zst", records[60:110])
+    write_shard(root / "data" / "validation" / "validation-00000.jsonl.zst", records[110:])
+    tok = train_bpe((r["text"] for r in records[:110]), vocab_size=512, progress=False)
+    save_tokenizer(wrap_fast(tok), root / "tokenizer")
+    return root / "data", root / "tokenizer"

@@ -144,6 +144,7 @@ class Compiled(struct.PyTreeNode):
     init: Any = struct.field(pytree_node=False)  # rng -> TrainState (sharded)
     train_step: Any = struct.field(pytree_node=False)  # (state, batch) -> (state, metrics)
     eval_step: Any = struct.field(pytree_node=False)  # (params, batch) -> sums
+    abstract_state: Any = struct.field(pytree_node=False)  # ShapeDtypeStructs with shardings (restore target)
 
 
 def _boxed_init(cfg: Config, tx, rng, seq_len: int) -> TrainState:
@@ -169,6 +170,11 @@ def compile_steps(cfg: Config, mesh: Mesh) -> Compiled:
     def init(rng):
         return nn.meta.unbox(_boxed_init(cfg, tx, rng, seq))
 
+    abstract_state = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(init, jax.random.PRNGKey(0)), state_sh,
+    )
+
     def wrapped_train(state, batch):
         with sharding.rules_context():
             return train_step(state, batch, cfg=cfg, tx=tx, seed=cfg.train.seed)
@@ -192,7 +198,7 @@ def compile_steps(cfg: Config, mesh: Mesh) -> Compiled:
         return run
 
     return Compiled(mesh=mesh, state_shardings=state_sh, batch_sharding=batch_sh, init=with_mesh(jit_init),
-                    train_step=with_mesh(jit_train), eval_step=with_mesh(jit_eval))
+                    train_step=with_mesh(jit_train), eval_step=with_mesh(jit_eval), abstract_state=abstract_state)
 
 
 def _lower(fn, mesh, *args):

@@ -133,10 +133,11 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     writer = MetricsWriter(run_dir, cfg, active=is_main)
 
-    state = compiled.init(jax.random.PRNGKey(cfg.train.seed))
     start = ckpt.latest_step()
-    if start is not None:
-        state, loader_states, _ = ckpt.restore(start, state)
+    if start is None:
+        state = compiled.init(jax.random.PRNGKey(cfg.train.seed))
+    else:
+        state, loader_states, _ = ckpt.restore(start, compiled.abstract_state)
         own = loader_states.get(str(jax.process_index()))
         if own is None or len(loader_states) != jax.process_count():
             raise TrainingError(
@@ -251,10 +252,7 @@ def restore_params(run_dir: str | Path, step: int | None = None, *, mesh=None):
         mesh = sharding.make_mesh(C.replace(cfg, train={"batch_size": 1, "per_device_batch_size": 1},
                                             optimizer={"grad_accum_steps": 1}), jax.devices()[:1])
     compiled = compile_steps(cfg, mesh)
-    target = jax.eval_shape(compiled.init, jax.random.PRNGKey(0))
-    target = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, compiled.state_shardings
-    )
+    target = compiled.abstract_state
     ckpt = Checkpointer(run_dir / "checkpoints", keep=10**6, async_save=False)
     try:
         if ckpt.latest_step() is None:

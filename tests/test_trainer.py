@@ -1,0 +1,107 @@
+"""The training loop end to end on a tiny model: metrics, eval, checkpoints, exact resume,
+NaN stop, SIGTERM, export to Hugging Face and greedy sampling parity."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from train import config as C
+from train.metrics import read_metrics
+from train.trainer import TrainingError, restore_params, train
+
+
+def _cfg(tiny_corpus, run_dir, *extra):
+    data, tok = tiny_corpus
+    return C.load("configs/tiny.yaml", [
+        f"run.output_dir={run_dir}", f"data.train_dir={data / 'train'}", f"data.validation_dir={data / 'validation'}",
+        f"tokenizer.path={tok}", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
+        "model.window_size=16", "data.block_size=64", "train.batch_size=8",
+        "train.max_steps=12", "train.log_every=1", "train.save_every=4", "train.eval_every=6",
+        "data.eval_batches=2", "data.shuffle_buffer=50", "schedule.warmup_steps=2", "schedule.decay_steps=10",
+        "logging.progress=false", "logging.wandb_mode=disabled", *extra,
+    ])
+
+
+def test_run_writes_config_metrics_checkpoints_and_resumes_exactly(tiny_corpus, tmp_path):
+    full = train(_cfg(tiny_corpus, tmp_path / "full"))
+    assert full["step"] == 12
+    # An interrupted run: stop after 5 steps (checkpoint at 4 and the forced save at 5), then rerun.
+    part_cfg = _cfg(tiny_corpus, tmp_path / "part")
+    first = train(part_cfg, stop_after=5)
+    assert first["step"] == 5
+    second = train(part_cfg)
+    assert second["step"] == 12
+    ref = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full") if "loss" in r}
+    got = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "part") if "loss" in r}
+    assert sorted(got) == list(range(1, 13)) and sorted(ref) == list(range(1, 13))
+    assert all(got[s] == ref[s] for s in range(6, 13)), (got, ref)  # bit-identical after the resume
+    _, p_full, _ = restore_params(tmp_path / "full")
+    _, p_part, _ = restore_params(tmp_path / "part")
+    for a, b in zip(jax.tree_util.tree_leaves(p_full), jax.tree_util.tree_leaves(p_part), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # what the run directory holds
+    saved = C.load(tmp_path / "full" / "config.yaml")
+    assert saved.model.vocab_size == 512 and saved.train.batch_size == 8
+    records = read_metrics(tmp_path / "full")
+    train_rec = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    for key in ("step", "loss", "learning_rate", "tokens_per_second", "mfu", "grad_norm"):
+        assert all(key in r for r in train_rec), key
+    assert [r["step"] for r in evals] == [6, 12]
+    assert all(r["perplexity"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals)
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"] < math.log(512)
+    assert train_rec[0]["learning_rate"] == 0.0 and train_rec[2]["learning_rate"] > 0
+    steps = sorted(int(p.name) for p in (tmp_path / "full" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [8, 12]  # keep=2 most recent
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_corpus, tmp_path):
+    cfg = _cfg(tiny_corpus, tmp_path / "run", "train.max_steps=8")
+    train(cfg, stop_after=4)  # a good checkpoint at step 4
+    bad = C.replace(cfg, optimizer={"learning_rate": 1e30}, schedule={"warmup_steps": 0})
+    with pytest.raises(TrainingError, match=r"step \d+: loss is nan.*Last good checkpoint: step 4"):
+        train(bad)
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4]
+
+
+def test_wandb_offline_writes_a_local_run(tiny_corpus, tmp_path):
+    cfg = _cfg(tiny_corpus, tmp_path / "run", "train.max_steps=2", "logging.wandb_mode=offline",
+               "train.eval_every=0")
+    train(cfg)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert (tmp_path / "run" / "wandb_id.txt").read_text().strip() in runs[0].name
+
+
+def test_export_loads_in_transformers_with_equal_logits_and_greedy(tiny_corpus, tmp_path):
+    import torch
+    from transformers import AutoTokenizer, GPTNeoForCausalLM, pipeline
+
+    from train.export import export
+    from train.generate import generate_ids
+    from train.step import next_token_logits
+
+    cfg = _cfg(tiny_corpus, tmp_path / "run", "train.max_steps=3", "train.eval_every=0")
+    train(cfg)
+    out, step = export(str(tmp_path / "run"), str(tmp_path / "hf"))
+    assert step == 3
+    hf = GPTNeoForCausalLM.from_pretrained(out).eval()
+    assert hf.config.vocab_size == 512 and hf.transformer.wte.weight.shape[0] == 512
+    mcfg, params, _ = restore_params(tmp_path / "run")
+    ids = np.random.RandomState(0).randint(0, 512, (2, 40))
+    ours = np.asarray(next_token_logits(params, ids, cfg=mcfg.model))[..., :512]
+    ref = hf(torch.tensor(ids)).logits.detach().numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    tok = AutoTokenizer.from_pretrained(out)
+    prompt = tok.encode("def main(")
+    greedy = generate_ids(mcfg.model, params, [prompt], max_new_tokens=12, temperature=0.0)[0]
+    ref_ids = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                          pad_token_id=tok.eos_token_id)[0, len(prompt):].tolist()
+    assert greedy == ref_ids
+    text = pipeline("text-generation", model=str(out), tokenizer=tok)("import os", max_new_tokens=5)
+    assert text[0]["generated_text"].startswith("import os")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt_neo"
