@@ -248,3 +248,80 @@ def write_shard(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> i
         for record in records:
             writer.write(record)
     return writer.count
+
+
+class ShardSetWriter:
+    """Write a stream of records as numbered shards ``{prefix}-00000.jsonl.zst`` in ``out_dir``,
+    starting a new shard once the current one holds ``max_bytes`` (uncompressed) or
+    ``max_records``. Each shard is written atomically by ``ShardWriter``.
+
+    ``close()`` also deletes ``{prefix}-*`` shards left by an earlier, larger or interrupted run
+    with the same output folder, so a rerun with the same arguments ends with exactly the shards
+    it wrote and nothing stale beside them.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        prefix: str,
+        *,
+        max_bytes: int = 64 << 20,
+        max_records: int | None = None,
+        suffix: str = ".jsonl.zst",
+    ):
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.suffix = suffix
+        self.max_bytes = max_bytes
+        self.max_records = max_records
+        self.paths: list[str] = []
+        self.count = 0
+        self.bytes_written = 0
+        self._current: ShardWriter | None = None
+
+    def _roll(self) -> ShardWriter:
+        if self._current is not None:
+            self._current.close()
+        path = self.out_dir / f"{self.prefix}-{len(self.paths):05d}{self.suffix}"
+        self.paths.append(str(path))
+        self._current = ShardWriter(path)
+        return self._current
+
+    def write(self, record: dict[str, Any]) -> None:
+        writer = self._current
+        if (
+            writer is None
+            or writer.bytes_written >= self.max_bytes
+            or (self.max_records is not None and writer.count >= self.max_records)
+        ):
+            writer = self._roll()
+        before = writer.bytes_written
+        writer.write(record)
+        self.count += 1
+        self.bytes_written += writer.bytes_written - before
+
+    def close(self) -> list[str]:
+        """Finish the last shard, remove stale shards of this prefix; returns the shard paths."""
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+        keep = {Path(p).name for p in self.paths}
+        if self.out_dir.is_dir():
+            for old in self.out_dir.glob(f"{self.prefix}-*{self.suffix}"):
+                if old.name not in keep:
+                    old.unlink()
+        return list(self.paths)
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current.abort()
+            self._current = None
+
+    def __enter__(self) -> ShardSetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
