@@ -72,6 +72,7 @@ class DedupResult:
     shard_counts: list[int]  # records per input shard, in ``paths`` order
     paths: list[str]
     keys: list[tuple[str, str, int, int]]
+    sizes: np.ndarray  # UTF-8 bytes of each record's text
     report: dict[str, Any] = field(default_factory=dict)
 
     def kept_indices(self, shard: int) -> np.ndarray:
@@ -310,7 +311,8 @@ def plan_dedup(
                     "clusters": t5 - t4, "total": elapsed},
         "mb_per_s": total_bytes / 1e6 / max(elapsed, 1e-9),
     }
-    return DedupResult(keep=near_keep, shard_counts=shard_counts, paths=paths, keys=keys, report=report)
+    return DedupResult(keep=near_keep, shard_counts=shard_counts, paths=paths, keys=keys, sizes=size_arr,
+                       report=report)
 
 
 def _filter_shard(src: str, dst: str, kept: list[int], skip_bad: bool) -> tuple[int, int]:

@@ -198,6 +198,10 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         self._tmp = Path(tmp)
+        # mkstemp creates 0600 files; shards are shared data, so use the usual umask'd mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         self._raw = os.fdopen(fd, "wb")
         name = str(self.path)
         if name.endswith((".zst", ".zstd")):
