@@ -42,8 +42,8 @@ from tqdm import tqdm
 from data_processing import minhash
 from data_processing.shards import BadRecordCounter, ShardError, ShardWriter, iter_records, list_shards
 
-BATCH_RECORDS = 256
-BATCH_BYTES = 4 << 20
+BATCH_RECORDS = 64
+BATCH_BYTES = 1 << 20  # small batches keep all workers busy on small inputs
 
 
 @dataclass
@@ -73,6 +73,7 @@ class DedupResult:
     paths: list[str]
     keys: list[tuple[str, str, int, int]]
     sizes: np.ndarray  # UTF-8 bytes of each record's text
+    cluster: np.ndarray  # global index of the survivor standing for each record (itself if kept)
     report: dict[str, Any] = field(default_factory=dict)
 
     def kept_indices(self, shard: int) -> np.ndarray:
@@ -100,13 +101,16 @@ def _map_shingles(texts: list[str], k: int) -> list[np.ndarray]:
 class Workers:
     """A process pool over all cores (``workers`` > 1) or plain in-process ``map``.
 
-    Uses the ``spawn`` start method: forking a process that has imported JAX or other threaded
-    libraries (tests, notebooks) can deadlock.
+    ``fork`` starts workers in milliseconds (``spawn`` costs ~1 s per worker re-importing numpy,
+    which dominated small runs), but forking a process that already runs JAX's or torch's
+    threads can deadlock, so ``spawn`` is used whenever one of those is imported.
     """
 
     def __init__(self, workers: int | None):
         self.n = workers or os.cpu_count() or 1
-        self._pool = mp.get_context("spawn").Pool(self.n) if self.n > 1 else None
+        threaded = any(m in sys.modules for m in ("jax", "torch", "tensorflow"))
+        method = "fork" if sys.platform == "linux" and not threaded else "spawn"
+        self._pool = mp.get_context(method).Pool(self.n) if self.n > 1 else None
 
     def imap(self, fn: Callable, items) -> Iterator:
         if self._pool is None:
@@ -224,7 +228,7 @@ def plan_dedup(
                 bar.set_postfix_str(f"{sum(sizes) / 1e6 / max(time.perf_counter() - t0, 1e-9):.1f} MB/s")
         n = len(keys)
         exact_h = np.concatenate(exact_parts) if exact_parts else np.zeros(0, np.uint64)
-        sigs = (np.concatenate(sig_parts) if sig_parts else np.zeros((0, params.num_perm), np.uint64))
+        sigs = (np.concatenate(sig_parts) if sig_parts else np.zeros((0, params.num_perm), np.uint32))
         size_arr = np.array(sizes, dtype=np.int64)
         rank = _survivor_ranks(keys)
         t1 = time.perf_counter()
@@ -235,6 +239,9 @@ def plan_dedup(
         first[1:] = exact_h[order][1:] != exact_h[order][:-1]
         exact_keep = np.zeros(n, dtype=bool)
         exact_keep[order[first]] = True
+        # Each record's exact-group survivor: the first of its run in the sorted order.
+        exact_rep = np.empty(n, dtype=np.int64)
+        exact_rep[order] = order[np.flatnonzero(first)[np.cumsum(first) - 1]] if n else order
         group_sizes = np.diff(np.append(np.flatnonzero(first), n))
         t2 = time.perf_counter()
 
@@ -266,6 +273,7 @@ def plan_dedup(
             uf.union(a, b)
         roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64) if n else np.zeros(0, np.int64)
         near_keep = exact_keep & (roots == np.arange(n))
+        cluster = roots[exact_rep] if n else roots
         t5 = time.perf_counter()
     finally:
         if own_pool:
@@ -312,7 +320,7 @@ def plan_dedup(
         "mb_per_s": total_bytes / 1e6 / max(elapsed, 1e-9),
     }
     return DedupResult(keep=near_keep, shard_counts=shard_counts, paths=paths, keys=keys, sizes=size_arr,
-                       report=report)
+                       cluster=cluster, report=report)
 
 
 def _filter_shard(src: str, dst: str, kept: list[int], skip_bad: bool) -> tuple[int, int]:

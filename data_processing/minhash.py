@@ -5,9 +5,10 @@
 * **Shingles** are 5 consecutive words, hashed to uint64. Word hashes are a polynomial rolling
   hash computed for all words at once from prefix sums (mod 2**64 arithmetic, no Python loop per
   word), then mixed with the splitmix64 finaliser; a shingle combines 5 mixed word hashes.
-* **Signatures**: ``num_perm`` universal hashes ``h_i(x) = (a_i * x + b_i) mod (2**61 - 1)`` of
-  the shingle's low 32 bits (``a_i, b_i < 2**31`` so nothing overflows uint64), minimum per
-  ``i``. Deterministic for a given ``seed``, on any machine and in any process.
+* **Signatures**: ``num_perm`` multiply-add-shift hashes ``h_i(x) = ((a_i * x + b_i) mod 2**64)
+  >> 32`` of the 64-bit shingle hash, minimum per ``i``, stored as uint32 (see ``signature``
+  for why not a modular-prime family). Deterministic for a given ``seed``, on any machine and
+  in any process.
 * **LSH**: ``bands`` x ``rows`` of the signature; documents sharing any band are candidates.
   ``choose_bands`` picks the split so a pair *at* the threshold becomes a candidate with
   probability >= ``target``; candidates are then verified on their exact shingle sets.
@@ -21,7 +22,6 @@ from functools import lru_cache
 import numpy as np
 
 SHINGLE_WORDS = 5
-MERSENNE_61 = np.uint64((1 << 61) - 1)
 _P = 0x100000001B3  # odd multiplier of the rolling word hash
 _PINV = pow(_P, -1, 1 << 64)
 _Q = np.uint64(0x9E3779B97F4A7C15)  # combines word hashes into a shingle hash
@@ -108,37 +108,42 @@ def hash_bytes(data: bytes) -> int:
 
 
 @lru_cache(maxsize=16)
+@lru_cache(maxsize=16)
 def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Coefficients ``(a, b)`` of the ``num_perm`` universal hashes, from ``seed``."""
+    """Coefficients ``(a, b)`` of the ``num_perm`` hash functions, from ``seed`` (``a`` odd)."""
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 31, size=num_perm, dtype=np.uint64)
-    b = rng.integers(0, 1 << 31, size=num_perm, dtype=np.uint64)
+    a = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64) * np.uint64(2) + rng.integers(
+        0, 2, size=num_perm, dtype=np.uint64)
     return a, b
 
 
 def signature(shingles: np.ndarray, num_perm: int = 128, seed: int = 1, block: int = 2048) -> np.ndarray:
-    """MinHash signature (``num_perm`` uint64) of a shingle-hash set.
+    """MinHash signature (``num_perm`` uint32) of a shingle-hash set.
 
-    Works on blocks of ``block`` shingles with preallocated buffers and in-place operations
-    (half the time of the naive expression), so memory stays at ``2 * block * num_perm * 8``
-    bytes whatever the file size.
+    Hash ``i`` is multiply-add-shift, ``((a_i * x + b_i) mod 2**64) >> 32`` with odd ``a_i``
+    (Dietzfelbinger et al.), on the full 64-bit shingle hash. We first used
+    ``(a*x + b) mod (2**61 - 1)`` on 32-bit ``x`` with ``a, b < 2**31`` (so nothing overflows):
+    that family is almost linear in ``x`` - the same few smallest ``x`` win every minimum - and
+    estimated 0.06 for a pair whose true Jaccard is 0.88. Full-range modular coefficients would
+    need 128-bit products; wrapping uint64 arithmetic gives the same quality at half the cost.
+
+    Works on blocks of ``block`` shingles with preallocated buffers and in-place operations,
+    so memory stays at ``block * num_perm * 8`` bytes whatever the file size.
     """
     a, b = permutations(num_perm, seed)
-    x = (shingles & np.uint64(0xFFFFFFFF))[:, None]
+    x = shingles.astype(np.uint64, copy=False)[:, None]
     out = np.full(num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
-    n_block = min(block, x.shape[0])
-    buf = np.empty((n_block, num_perm), dtype=np.uint64)
-    high = np.empty((n_block, num_perm), dtype=np.uint64)
-    for i in range(0, x.shape[0], block):
-        xb = x[i : i + block]
-        v, w = buf[: xb.shape[0]], high[: xb.shape[0]]
-        np.multiply(xb, a, out=v)  # a, x < 2**32, b < 2**31: a*x + b never overflows uint64
-        v += b
-        np.right_shift(v, np.uint64(61), out=w)  # mod 2**61-1 as (v & p) + (v >> 61)
-        v &= MERSENNE_61
-        v += w
-        np.minimum(out, v.min(axis=0), out=out)
-    return out
+    buf = np.empty((min(block, x.shape[0]), num_perm), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(0, x.shape[0], block):
+            xb = x[i : i + block]
+            v = buf[: xb.shape[0]]
+            np.multiply(xb, a, out=v)  # wraps mod 2**64 by design
+            v += b
+            np.minimum(out, v.min(axis=0), out=out)
+    # The minimum of the top 32 bits is the top 32 bits of the minimum: shift once at the end.
+    return (out >> np.uint64(32)).astype(np.uint32)
 
 
 def candidate_probability(j: float, bands: int, rows: int) -> float:
