@@ -81,7 +81,9 @@ def list_shards(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
         elif p.is_file():
             paths = [str(p)]
         else:
-            paths = sorted(str(f) for f in Path().glob(text) if f.is_file() and is_shard(f))
+            import glob
+
+            paths = sorted(f for f in glob.glob(text, recursive=True) if os.path.isfile(f) and is_shard(f))
     if not paths:
         raise ShardError(f"{text}: no shards found (expected files ending in {', '.join(SHARD_SUFFIXES)})")
     return paths
@@ -95,9 +97,57 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
+class _ZstdFrames(io.RawIOBase):
+    """Decompress a stream of concatenated zstd frames, raising on a truncated last frame.
+
+    ``zstandard``'s ``stream_reader`` returns a silent short read (often zero bytes) when the
+    input stops inside a frame, so a half-copied shard would look valid but empty; here the
+    end of input inside a frame is an error.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, raw):
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._dobj = None  # decompressor of the frame in progress, None between frames
+        self._buf = b""
+        self._pos = 0  # read offset into _buf (slicing a large bytes object each read is quadratic)
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        while self._pos >= len(self._buf) and not self._eof:
+            self._buf, self._pos = b"", 0
+            data = self._raw.read(self.CHUNK)
+            if not data:
+                self._eof = True
+                if self._dobj is not None:
+                    raise zstandard.ZstdError("truncated zstd stream: input ends inside a frame")
+                return
+            while data:
+                if self._dobj is None:
+                    self._dobj = self._dctx.decompressobj()
+                self._buf += self._dobj.decompress(data)  # a few frames per chunk at most
+                if self._dobj.eof:
+                    data = self._dobj.unused_data
+                    self._dobj = None
+                else:
+                    data = b""
+
+    def readinto(self, b) -> int:
+        self._fill()
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = memoryview(self._buf)[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
 def _text_stream(path: str, raw) -> io.TextIOBase:
     if path.endswith((".zst", ".zstd")):
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        reader = io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 20)
         return io.TextIOWrapper(reader, encoding="utf-8", newline="\n")
     if path.endswith(".gz"):
         return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8", newline="\n")
