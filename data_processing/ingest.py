@@ -309,12 +309,15 @@ def iter_hf(
 
 def capped(records, *, max_files: int | None = None, max_bytes: int | None = None):
     """Stop a record stream after ``max_files`` records or once ``max_bytes`` of text is passed."""
+    if max_files is not None and max_files <= 0:
+        return
     total = 0
-    for n, record in enumerate(records):
-        if (max_files is not None and n >= max_files) or (max_bytes is not None and total >= max_bytes):
-            return
+    for n, record in enumerate(records, start=1):
         total += record["meta"]["size"]
         yield record
+        # Stop before pulling the next record, so upstream stats count only what was passed on.
+        if (max_files is not None and n >= max_files) or (max_bytes is not None and total >= max_bytes):
+            return
 
 
 def progress(records, desc: str):
