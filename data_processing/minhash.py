@@ -193,7 +193,10 @@ def bucket_pairs(keys: np.ndarray, max_bucket_pairs: int = 64) -> np.ndarray:
         # Runs of equal keys: start where a key differs from its predecessor.
         starts = np.flatnonzero(np.concatenate([[True], ~same]))
         sizes = np.diff(np.append(starts, n))
-        for s, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
+        # Buckets of two (by far the most common) in one vector step; larger ones in a loop.
+        two = starts[sizes == 2]
+        out.append(np.sort(np.stack([order[two], order[two + 1]], axis=1), axis=1))
+        for s, size in zip(starts[sizes > 2], sizes[sizes > 2], strict=True):
             members = np.sort(order[s : s + size])
             if size <= max_bucket_pairs:
                 ii, jj = np.triu_indices(size, k=1)
