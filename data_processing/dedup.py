@@ -208,12 +208,14 @@ def plan_dedup(
     t0 = time.perf_counter()
     keys: list[tuple[str, str, int, int]] = []
     sizes: list[int] = []
+    languages: list[str] = []
     shard_counts = [0] * len(paths)
 
     def sink(s: int, i: int, record: dict) -> None:
         meta = record["meta"]
         keys.append((str(meta.get("repo_name", "")), str(meta.get("file_name", "")), s, i))
         sizes.append(len(record["text"].encode("utf-8")))
+        languages.append(str(meta.get("language", "unknown")))
         shard_counts[s] += 1
 
     try:
@@ -288,6 +290,12 @@ def plan_dedup(
         members.setdefault(int(roots[i]), []).append(int(i))
     clusters = sorted(members.items(), key=lambda kv: (-len(kv[1]), rank[kv[0]]))
     cluster_sizes = [len(m) + 1 for _, m in clusters]
+    by_language: dict[str, dict[str, dict[str, int]]] = {}
+    for stage, mask in (("exact", ~exact_keep), ("near", in_clusters)):
+        for i in np.flatnonzero(mask):
+            entry = by_language.setdefault(languages[i], {}).setdefault(stage, {"files": 0, "bytes": 0})
+            entry["files"] += 1
+            entry["bytes"] += int(size_arr[i])
     total_bytes = int(size_arr.sum())
     elapsed = t5 - t0
     report = {
@@ -310,6 +318,7 @@ def plan_dedup(
             ],
         },
         "output": {"files": int(near_keep.sum()), "bytes": int(size_arr[near_keep].sum())},
+        "removed_by_language": dict(sorted(by_language.items())),
         "params": {**asdict(params), "p_candidate_at_threshold":
                    minhash.candidate_probability(params.threshold, params.bands, params.rows)},
         "survivor_rule": "lowest (repo_name, file_name), then (shard, record index)",

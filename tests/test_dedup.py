@@ -59,6 +59,8 @@ def test_exact_and_near_with_documented_survivors(tmp_path, corpus):
     assert rep["near"]["removed_files"] == 3 and rep["near"]["clusters"] == 2
     assert rep["output"]["files"] == len(corpus) - 5
     assert rep["near"]["cluster_size_histogram"] == {"2": 1, "3": 1}
+    assert rep["removed_by_language"]["Python"]["exact"]["files"] == 2
+    assert rep["removed_by_language"]["Python"]["near"]["files"] == 3
     top = rep["near"]["largest_clusters"][0]
     assert top == {"size": 3, "survivor": "m-orig/textwrap.py",
                    "examples": ["z-near/textwrap.py", "z-near/textwrap2.py"]}
