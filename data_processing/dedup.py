@@ -30,6 +30,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -112,10 +113,21 @@ class Workers:
         method = "fork" if sys.platform == "linux" and not threaded else "spawn"
         self._pool = mp.get_context(method).Pool(self.n) if self.n > 1 else None
 
-    def imap(self, fn: Callable, items) -> Iterator:
+    def imap(self, fn: Callable, items, window: int | None = None) -> Iterator:
+        """Ordered ``map`` over the pool with at most ``window`` (default 2 per worker) tasks
+        in flight. ``Pool.imap`` would drain ``items`` as fast as it can read them, queueing
+        the whole corpus's texts in memory when workers are slower than the reader."""
         if self._pool is None:
-            return map(fn, items)
-        return self._pool.imap(fn, items)
+            yield from map(fn, items)
+            return
+        window = window or 2 * self.n
+        pending: deque = deque()
+        for item in items:
+            pending.append(self._pool.apply_async(fn, (item,)))
+            if len(pending) >= window:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
     def starmap(self, fn: Callable, items) -> list:
         if self._pool is None:

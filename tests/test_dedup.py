@@ -144,3 +144,22 @@ def test_interrupted_run_reruns_cleanly(tmp_path, corpus, monkeypatch):
     assert dedup.main(args) == 0
     assert sorted(p.name for p in out.glob("*.zst")) == ["dedup-00000.jsonl.zst", "dedup-00001.jsonl.zst"]
     assert sum(1 for p in out.glob("*.zst") for _ in iter_records(p)) == len(corpus) - 5
+
+
+def _square(x):
+    return x * x
+
+
+def test_worker_pool_keeps_order_and_bounds_read_ahead():
+    consumed = []
+
+    def items():
+        for i in range(40):
+            consumed.append(i)
+            yield i
+
+    with dedup.Workers(2) as pool:
+        it = pool.imap(_square, items(), window=3)
+        assert next(it) == 0
+        assert len(consumed) <= 4  # never the whole input queued
+        assert list(it) == [i * i for i in range(1, 40)]
