@@ -265,20 +265,36 @@ def plan_dedup(
         pairs = live[minhash.bucket_pairs(band)] if live.size else np.zeros((0, 2), np.int64)
         t3 = time.perf_counter()
 
-        # Stage 4: verify candidates on exact shingle sets, recomputed for candidates only.
+        # Stage 4: verify candidates on exact shingle sets, recomputed for candidates only and
+        # streamed in input order: a pair (a, b), a < b, is verified as soon as b arrives, and a
+        # set is dropped after its last partner, so only "open" candidates are held.
         cand = np.unique(pairs)
-        shingles: dict[int, np.ndarray] = {}
+        partners: dict[int, list[int]] = {}
+        free_at: dict[int, list[int]] = {}
+        last_use: dict[int, int] = {}
+        for a, b in pairs.tolist():
+            partners.setdefault(b, []).append(a)
+            last_use[a] = max(last_use.get(a, a), b)
+            last_use.setdefault(b, b)
+        for x, last in last_use.items():
+            free_at.setdefault(last, []).append(x)
+        verified: list[tuple[int, int]] = []
+        peak_sets = 0
         if cand.size:
             cand_list = cand.tolist()
             it = iter(cand_list)
-            wanted = set(cand_list)
+            shingles: dict[int, np.ndarray] = {}
             fn2 = partial(_map_shingles, k=params.shingle_words)
-            for sets in pool.imap(fn2, _batches(paths, True, None, wanted=wanted)):
+            for sets in pool.imap(fn2, _batches(paths, True, None, wanted=set(cand_list))):
                 for s in sets:
-                    shingles[next(it)] = s
-        verified = [(int(a), int(b)) for a, b in pairs
-                    if minhash.jaccard(shingles[a], shingles[b]) >= params.threshold]
-        shingles.clear()
+                    gid = next(it)
+                    shingles[gid] = s
+                    peak_sets = max(peak_sets, len(shingles))
+                    for a in partners.get(gid, ()):
+                        if minhash.jaccard(shingles[a], s) >= params.threshold:
+                            verified.append((a, gid))
+                    for x in free_at.get(gid, ()):
+                        del shingles[x]
         t4 = time.perf_counter()
 
         # Stage 5: union-find clusters; each root is its cluster's survivor.
@@ -320,6 +336,8 @@ def plan_dedup(
         "near": {
             "candidate_pairs": int(len(pairs)),
             "verified_pairs": len(verified),
+            "candidate_records": int(cand.size),
+            "peak_shingle_sets_in_memory": peak_sets,
             "clusters": len(clusters),
             "removed_files": int(in_clusters.sum()),
             "removed_bytes": int(size_arr[in_clusters].sum()),

@@ -66,6 +66,7 @@ def test_exact_and_near_with_documented_survivors(tmp_path, corpus):
                    "examples": ["z-near/textwrap.py", "z-near/textwrap2.py"]}
     assert rep["params"]["bands"] * rep["params"]["rows"] <= rep["params"]["num_perm"]
     assert rep["params"]["p_candidate_at_threshold"] >= 0.99
+    assert 0 < rep["near"]["peak_shingle_sets_in_memory"] <= rep["near"]["candidate_records"]
     # Every record points at the survivor standing for it.
     assert all(result.keep[c] for c in result.cluster)
 
