@@ -28,7 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from data_processing.languages import detect_language
-from data_processing.shards import ShardError, ShardSetWriter
+from data_processing.shards import BadRecordCounter, ShardError, ShardSetWriter, iter_dir_records
 
 # Folders that hold someone else's code or build output: training on them mostly duplicates
 # popular libraries (and their minified builds) many times over.
@@ -303,6 +303,34 @@ def iter_hf(
                 "source": origin,
             },
         }
+        stats.keep(record)
+        yield record
+
+
+def iter_shards(
+    source,
+    *,
+    stats: IngestStats | None = None,
+    skip_bad: bool = False,
+    bad: BadRecordCounter | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield records of existing shards (Code Clippy's, or ours) with their meta completed:
+    ``size`` recomputed, ``language`` detected from ``file_name`` when missing, ``repo_name``,
+    ``file_name`` and ``license`` defaulting to ``"unknown"``. Other meta fields are kept."""
+    stats = stats if stats is not None else IngestStats()
+    for record in iter_dir_records(source, skip_bad=skip_bad, bad=bad):
+        stats.files_seen += 1
+        text = record["text"]
+        if not text.strip():
+            stats.skip("empty", len(text.encode("utf-8")))
+            continue
+        meta = record["meta"]
+        meta.setdefault("repo_name", "unknown")
+        meta.setdefault("file_name", "unknown")
+        meta.setdefault("license", "unknown")
+        meta["size"] = len(text.encode("utf-8"))
+        if not meta.get("language"):
+            meta["language"] = detect_language(str(meta["file_name"])) or "unknown"
         stats.keep(record)
         yield record
 

@@ -29,7 +29,7 @@ from typing import Any
 from data_processing import filters, ingest
 from data_processing.dedup import DedupParams, Workers, plan_dedup, write_json_atomic
 from data_processing.minhash import hash_bytes
-from data_processing.shards import ShardError, ShardSetWriter, iter_records
+from data_processing.shards import BadRecordCounter, ShardError, ShardSetWriter, iter_records
 
 REPORT_VERSION = 1
 
@@ -76,6 +76,8 @@ def prepare(
     hf_data_files: list[str] | None = None,
     hf_dataset: str | None = None,
     hf_allow_download: bool = False,
+    shards: list[str] | None = None,
+    skip_bad: bool = False,
     filter_config: filters.FilterConfig | None = None,
     dedup_params: DedupParams | None = None,
     validation_fraction: float = 0.05,
@@ -90,7 +92,7 @@ def prepare(
     t0 = time.perf_counter()
     out = Path(out)
     work = out / ".work"
-    stdlib_default = not sources and not hf_data_files and not hf_dataset
+    stdlib_default = not sources and not hf_data_files and not hf_dataset and not shards
     if stdlib_default:
         sources = [default_source()]
     sources = sources or []
@@ -99,7 +101,7 @@ def prepare(
     shard_bytes = int(shard_size_mb * (1 << 20))
 
     # Ingest + filter stream straight into intermediate shards (texts never all in memory).
-    istats, fstats = ingest.IngestStats(), filters.FilterStats()
+    istats, fstats, bad = ingest.IngestStats(), filters.FilterStats(), BadRecordCounter()
 
     def records():
         for src in sources:
@@ -109,6 +111,8 @@ def prepare(
         if hf_data_files or hf_dataset:
             yield from ingest.iter_hf(data_files=hf_data_files, dataset=hf_dataset,
                                       allow_download=hf_allow_download, stats=istats)
+        if shards:
+            yield from ingest.iter_shards(shards, stats=istats, skip_bad=skip_bad, bad=bad)
 
     stream = ingest.capped(records(), max_files=max_files, max_bytes=max_bytes)
     if progress:
@@ -158,13 +162,14 @@ def prepare(
 
     report = {
         "version": REPORT_VERSION,
-        "sources": sources + list(hf_data_files or []) + ([hf_dataset] if hf_dataset else []),
+        "sources": [*sources, *(hf_data_files or []), *([hf_dataset] if hf_dataset else []), *(shards or [])],
         "params": {
             "depth": depth, "validation_fraction": validation_fraction, "seed": seed,
             "max_files": max_files, "max_bytes": max_bytes, "shard_size_mb": shard_size_mb,
             "filters": asdict(filter_config), "dedup": asdict(dedup_params),
         },
         "ingest": istats.as_dict(),
+        "bad_records": dict(bad.counts),
         "filters": fstats.as_dict(),
         "dedup": result.report,
         "split": split,
@@ -183,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-data-files", nargs="+", default=None, help="local parquet/json/csv files")
     p.add_argument("--hf-dataset", default=None, help="hub dataset name (needs --hf-allow-download)")
     p.add_argument("--hf-allow-download", action="store_true")
+    p.add_argument("--shards", nargs="+", default=None,
+                   help="existing shards (Code Clippy's or ours): folders, files or globs")
+    p.add_argument("--skip-bad", action="store_true", help="count and skip bad records in --shards")
     p.add_argument("--validation-fraction", type=float, default=0.05, help="of bytes, by repository")
     p.add_argument("--seed", type=int, default=0, help="seed of the repository split")
     p.add_argument("--max-files", type=int, default=None, help="stop ingest after N kept files")
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         report = prepare(
             args.out, sources=args.src, depth=args.depth, hf_data_files=args.hf_data_files,
             hf_dataset=args.hf_dataset, hf_allow_download=args.hf_allow_download,
+            shards=args.shards, skip_bad=args.skip_bad,
             filter_config=filters.config_from_args(args),
             dedup_params=DedupParams(threshold=args.threshold, num_perm=args.num_perm),
             validation_fraction=args.validation_fraction, seed=args.seed, max_files=args.max_files,

@@ -124,3 +124,29 @@ def test_cli(src, tmp_path, capsys):
 def test_repo_hash_uniform_enough():
     xs = np.array([prepare.repo_hash(f"repo{i}", 0) for i in range(2000)])
     assert xs.min() >= 0 and xs.max() < 1 and abs(xs.mean() - 0.5) < 0.03
+
+
+def test_prepare_from_existing_code_clippy_shards(tmp_path):
+    import zstandard
+
+    # Code Clippy style: no size/language, extra meta, a duplicate, and one bad line.
+    text = (STDLIB / "bisect.py").read_text()
+    lines = [
+        json.dumps({"text": text, "meta": {"repo_name": "a/x", "file_name": "bisect.py", "stars": 1}}),
+        json.dumps({"text": text, "meta": {"repo_name": "b/y", "file_name": "copy.py"}}),
+        json.dumps({"text": "fn main() {}\n", "meta": {"repo_name": "c/z", "file_name": "m.rs"}}),
+        "not json",
+    ]
+    src = tmp_path / "cc" / "data_0_time1_default.jsonl.zst"
+    src.parent.mkdir()
+    src.write_bytes(zstandard.ZstdCompressor().compress(("\n".join(lines) + "\n").encode()))
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match=r"data_0_time1_default.jsonl.zst:4: not a JSON object"):
+        prepare.prepare(out, shards=[str(src.parent)], workers=1, progress=False)
+    report = prepare.prepare(out, shards=[str(src.parent)], skip_bad=True, workers=1, progress=False,
+                             validation_fraction=0.5)
+    assert report["bad_records"] == {"not a JSON object (Expecting value)": 1}
+    assert report["dedup"]["exact"]["removed_files"] == 1
+    kept = {r["meta"]["file_name"]: r["meta"] for r in iter_dir_records(out)}
+    assert set(kept) == {"bisect.py", "m.rs"}
+    assert kept["m.rs"]["language"] == "Rust" and kept["bisect.py"]["stars"] == 1
