@@ -222,11 +222,13 @@ def plan_dedup(
     sizes: list[int] = []
     languages: list[str] = []
     shard_counts = [0] * len(paths)
+    read_bytes = [0]  # running total for the progress bar (summing `sizes` per batch is quadratic)
 
     def sink(s: int, i: int, record: dict) -> None:
         meta = record["meta"]
         keys.append((str(meta.get("repo_name", "")), str(meta.get("file_name", "")), s, i))
         sizes.append(len(record["text"].encode("utf-8")))
+        read_bytes[0] += sizes[-1]
         languages.append(str(meta.get("language", "unknown")))
         shard_counts[s] += 1
 
@@ -239,7 +241,7 @@ def plan_dedup(
                 exact_parts.append(exact)
                 sig_parts.append(sigs)
                 bar.update(len(exact))
-                bar.set_postfix_str(f"{sum(sizes) / 1e6 / max(time.perf_counter() - t0, 1e-9):.1f} MB/s")
+                bar.set_postfix_str(f"{read_bytes[0] / 1e6 / max(time.perf_counter() - t0, 1e-9):.1f} MB/s")
         n = len(keys)
         exact_h = np.concatenate(exact_parts) if exact_parts else np.zeros(0, np.uint64)
         sigs = (np.concatenate(sig_parts) if sig_parts else np.zeros((0, params.num_perm), np.uint32))
