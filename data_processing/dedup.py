@@ -201,6 +201,39 @@ class UnionFind:
             self.parent[rb] = ra
 
 
+def exact_stage(exact_h: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shuffle by exact hash. Returns ``keep`` (the lowest-ranked record of each hash group),
+    ``rep`` (each record's group survivor) and the group sizes."""
+    n = exact_h.size
+    order = np.lexsort((rank, exact_h))
+    first = np.ones(n, dtype=bool)
+    first[1:] = exact_h[order][1:] != exact_h[order][:-1]
+    keep = np.zeros(n, dtype=bool)
+    keep[order[first]] = True
+    # Each record's survivor is the first of its run in the sorted order.
+    rep = np.empty(n, dtype=np.int64)
+    rep[order] = order[np.flatnonzero(first)[np.cumsum(first) - 1]] if n else order
+    return keep, rep, np.diff(np.append(np.flatnonzero(first), n))
+
+
+def candidate_stage(sigs: np.ndarray, live: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """Map band keys of the ``live`` (bool mask) records and shuffle them into buckets; returns
+    unique candidate pairs ``(a, b), a < b`` of global record indices."""
+    idx = np.flatnonzero(live)
+    if idx.size == 0:
+        return np.zeros((0, 2), np.int64)
+    return idx[minhash.bucket_pairs(minhash.band_keys(sigs[idx], bands, rows))]
+
+
+def cluster_stage(edges: list[tuple[int, int]], rank: np.ndarray) -> np.ndarray:
+    """Connected components of the verified pairs; returns each record's root, which is the
+    lowest-ranked member of its component (the survivor)."""
+    uf = UnionFind(rank)
+    for a, b in edges:
+        uf.union(a, b)
+    return np.array([uf.find(i) for i in range(rank.size)], dtype=np.int64)
+
+
 def plan_dedup(
     paths: Sequence[str],
     params: DedupParams | None = None,
@@ -250,21 +283,11 @@ def plan_dedup(
         t1 = time.perf_counter()
 
         # Stage 2: shuffle by exact hash; the lowest-ranked record of each group survives.
-        order = np.lexsort((rank, exact_h))
-        first = np.ones(n, dtype=bool)
-        first[1:] = exact_h[order][1:] != exact_h[order][:-1]
-        exact_keep = np.zeros(n, dtype=bool)
-        exact_keep[order[first]] = True
-        # Each record's exact-group survivor: the first of its run in the sorted order.
-        exact_rep = np.empty(n, dtype=np.int64)
-        exact_rep[order] = order[np.flatnonzero(first)[np.cumsum(first) - 1]] if n else order
-        group_sizes = np.diff(np.append(np.flatnonzero(first), n))
+        exact_keep, exact_rep, group_sizes = exact_stage(exact_h, rank)
         t2 = time.perf_counter()
 
         # Stage 3: band keys of exact survivors, shuffled into buckets -> candidate pairs.
-        live = np.flatnonzero(exact_keep)
-        band = minhash.band_keys(sigs[live], params.bands, params.rows)
-        pairs = live[minhash.bucket_pairs(band)] if live.size else np.zeros((0, 2), np.int64)
+        pairs = candidate_stage(sigs, exact_keep, params.bands, params.rows)
         t3 = time.perf_counter()
 
         # Stage 4: verify candidates on exact shingle sets, recomputed for candidates only and
@@ -300,10 +323,7 @@ def plan_dedup(
         t4 = time.perf_counter()
 
         # Stage 5: union-find clusters; each root is its cluster's survivor.
-        uf = UnionFind(rank)
-        for a, b in verified:
-            uf.union(a, b)
-        roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64) if n else np.zeros(0, np.int64)
+        roots = cluster_stage(verified, rank)
         near_keep = exact_keep & (roots == np.arange(n))
         cluster = roots[exact_rep] if n else roots
         t5 = time.perf_counter()

@@ -164,3 +164,19 @@ def test_worker_pool_keeps_order_and_bounds_read_ahead():
         assert next(it) == 0
         assert len(consumed) <= 4  # never the whole input queued
         assert list(it) == [i * i for i in range(1, 40)]
+
+
+def test_stage_functions_are_pure_and_follow_the_survivor_rule():
+    import numpy as np
+
+    exact_h = np.array([7, 3, 7, 5, 3, 7], dtype=np.uint64)
+    rank = np.array([4, 5, 0, 1, 2, 3])
+    keep, rep, sizes = dedup.exact_stage(exact_h, rank)
+    assert keep.tolist() == [False, False, True, True, True, False]
+    assert rep.tolist() == [2, 4, 2, 3, 4, 2]
+    assert sorted(sizes.tolist()) == [1, 2, 3]
+    roots = dedup.cluster_stage([(3, 4), (4, 2)], rank)
+    assert roots.tolist() == [0, 1, 2, 2, 2, 5]  # rank 0 (record 2) wins the 3-member cluster
+    sigs = np.array([[1, 2], [1, 2], [9, 9], [1, 2]], dtype=np.uint32)
+    live = np.array([True, True, True, False])
+    assert dedup.candidate_stage(sigs, live, bands=2, rows=1).tolist() == [[0, 1]]
