@@ -216,13 +216,21 @@ def exact_stage(exact_h: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.n
     return keep, rep, np.diff(np.append(np.flatnonzero(first), n))
 
 
-def candidate_stage(sigs: np.ndarray, live: np.ndarray, bands: int, rows: int) -> np.ndarray:
+def candidate_stage(sigs: np.ndarray, live: np.ndarray, bands: int, rows: int,
+                    rank: np.ndarray | None = None) -> np.ndarray:
     """Map band keys of the ``live`` (bool mask) records and shuffle them into buckets; returns
-    unique candidate pairs ``(a, b), a < b`` of global record indices."""
+    unique candidate pairs ``(a, b), a < b`` of global record indices.
+
+    Records are bucketed in ``rank`` (survivor-key) order, so the chain used for very large
+    buckets links the same neighbours whatever the input order or engine.
+    """
     idx = np.flatnonzero(live)
     if idx.size == 0:
         return np.zeros((0, 2), np.int64)
-    return idx[minhash.bucket_pairs(minhash.band_keys(sigs[idx], bands, rows))]
+    if rank is not None:
+        idx = idx[np.argsort(rank[idx], kind="stable")]
+    pairs = idx[minhash.bucket_pairs(minhash.band_keys(sigs[idx], bands, rows))]
+    return np.unique(np.sort(pairs, axis=1), axis=0) if pairs.size else pairs
 
 
 def cluster_stage(edges: list[tuple[int, int]], rank: np.ndarray) -> np.ndarray:
@@ -287,7 +295,7 @@ def plan_dedup(
         t2 = time.perf_counter()
 
         # Stage 3: band keys of exact survivors, shuffled into buckets -> candidate pairs.
-        pairs = candidate_stage(sigs, exact_keep, params.bands, params.rows)
+        pairs = candidate_stage(sigs, exact_keep, params.bands, params.rows, rank)
         t3 = time.perf_counter()
 
         # Stage 4: verify candidates on exact shingle sets, recomputed for candidates only and

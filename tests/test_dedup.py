@@ -180,3 +180,18 @@ def test_stage_functions_are_pure_and_follow_the_survivor_rule():
     sigs = np.array([[1, 2], [1, 2], [9, 9], [1, 2]], dtype=np.uint32)
     live = np.array([True, True, True, False])
     assert dedup.candidate_stage(sigs, live, bands=2, rows=1).tolist() == [[0, 1]]
+
+
+def test_big_bucket_chain_follows_survivor_order_not_input_order():
+    import numpy as np
+
+    sigs = np.zeros((100, 16), dtype=np.uint32)  # one giant bucket
+    live = np.ones(100, dtype=bool)
+    rank = np.arange(100)[::-1].copy()  # survivor order is the reverse of input order
+    pairs = dedup.candidate_stage(sigs, live, bands=1, rows=16, rank=rank)
+    assert len(pairs) == 99 and all(b - a == 1 for a, b in pairs.tolist())
+    perm = np.random.default_rng(0).permutation(100)
+    shuffled = dedup.candidate_stage(sigs, live, 1, 16, rank=rank[perm])
+    # Same neighbours by survivor rank, whatever the input order.
+    as_ranks = sorted(tuple(sorted(rank[perm][p].tolist())) for p in shuffled)
+    assert as_ranks == sorted(tuple(sorted(rank[p].tolist())) for p in pairs)
