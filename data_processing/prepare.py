@@ -153,6 +153,8 @@ def prepare(
         split[side] = {"files": w.count, "bytes": sum(repo_bytes[r] for r in repos),
                        "repositories": len(repos), "shards": [str(Path(p).relative_to(out)) for p in w.paths]}
     split["validation"]["repository_names"] = sorted(validation)
+    for lang in istats.languages:  # languages dropped entirely still get a row
+        languages.setdefault(lang, {})
     for lang, table in languages.items():
         table.setdefault("train", {"files": 0, "bytes": 0})
         table.setdefault("validation", {"files": 0, "bytes": 0})
