@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stats, bad = FilterStats(), BadRecordCounter()
     try:
-        records = iter_dir_records(args.input, skip_bad=args.skip_bad, bad=bad)
+        from data_processing.ingest import progress
+
+        records = progress(iter_dir_records(args.input, skip_bad=args.skip_bad, bad=bad), "filter")
         with ShardSetWriter(args.output, "filtered", max_bytes=int(args.shard_size_mb * (1 << 20))) as w:
             for record in filter_records(records, config_from_args(args), stats):
                 w.write(record)

@@ -354,7 +354,7 @@ def progress(records, desc: str):
     total = 0
     with tqdm(desc=desc, unit=" files", disable=None) as bar:
         for record in records:
-            total += record["meta"].get("size", len(record["text"]))
+            total += record["meta"].get("size") or len(record["text"])
             bar.update(1)
             if bar.n % 200 == 0:
                 bar.set_postfix_str(f"{total / 1e6 / max(time.perf_counter() - start, 1e-9):.1f} MB/s")
