@@ -81,7 +81,9 @@ def list_shards(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
         elif p.is_file():
             paths = [str(p)]
         else:
-            paths = sorted(str(f) for f in Path().glob(text) if f.is_file() and is_shard(f))
+            import glob
+
+            paths = sorted(f for f in glob.glob(text, recursive=True) if os.path.isfile(f) and is_shard(f))
     if not paths:
         raise ShardError(f"{text}: no shards found (expected files ending in {', '.join(SHARD_SUFFIXES)})")
     return paths
@@ -95,9 +97,57 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
+class _ZstdFrames(io.RawIOBase):
+    """Decompress a stream of concatenated zstd frames, raising on a truncated last frame.
+
+    ``zstandard``'s ``stream_reader`` returns a silent short read (often zero bytes) when the
+    input stops inside a frame, so a half-copied shard would look valid but empty; here the
+    end of input inside a frame is an error.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, raw):
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._dobj = None  # decompressor of the frame in progress, None between frames
+        self._buf = b""
+        self._pos = 0  # read offset into _buf (slicing a large bytes object each read is quadratic)
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        while self._pos >= len(self._buf) and not self._eof:
+            self._buf, self._pos = b"", 0
+            data = self._raw.read(self.CHUNK)
+            if not data:
+                self._eof = True
+                if self._dobj is not None:
+                    raise zstandard.ZstdError("truncated zstd stream: input ends inside a frame")
+                return
+            while data:
+                if self._dobj is None:
+                    self._dobj = self._dctx.decompressobj()
+                self._buf += self._dobj.decompress(data)  # a few frames per chunk at most
+                if self._dobj.eof:
+                    data = self._dobj.unused_data
+                    self._dobj = None
+                else:
+                    data = b""
+
+    def readinto(self, b) -> int:
+        self._fill()
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = memoryview(self._buf)[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
 def _text_stream(path: str, raw) -> io.TextIOBase:
     if path.endswith((".zst", ".zstd")):
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        reader = io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 20)
         return io.TextIOWrapper(reader, encoding="utf-8", newline="\n")
     if path.endswith(".gz"):
         return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8", newline="\n")
@@ -198,6 +248,10 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         self._tmp = Path(tmp)
+        # mkstemp creates 0600 files; shards are shared data, so use the usual umask'd mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         self._raw = os.fdopen(fd, "wb")
         name = str(self.path)
         if name.endswith((".zst", ".zstd")):
@@ -248,3 +302,80 @@ def write_shard(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> i
         for record in records:
             writer.write(record)
     return writer.count
+
+
+class ShardSetWriter:
+    """Write a stream of records as numbered shards ``{prefix}-00000.jsonl.zst`` in ``out_dir``,
+    starting a new shard once the current one holds ``max_bytes`` (uncompressed) or
+    ``max_records``. Each shard is written atomically by ``ShardWriter``.
+
+    ``close()`` also deletes ``{prefix}-*`` shards left by an earlier, larger or interrupted run
+    with the same output folder, so a rerun with the same arguments ends with exactly the shards
+    it wrote and nothing stale beside them.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        prefix: str,
+        *,
+        max_bytes: int = 64 << 20,
+        max_records: int | None = None,
+        suffix: str = ".jsonl.zst",
+    ):
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.suffix = suffix
+        self.max_bytes = max_bytes
+        self.max_records = max_records
+        self.paths: list[str] = []
+        self.count = 0
+        self.bytes_written = 0
+        self._current: ShardWriter | None = None
+
+    def _roll(self) -> ShardWriter:
+        if self._current is not None:
+            self._current.close()
+        path = self.out_dir / f"{self.prefix}-{len(self.paths):05d}{self.suffix}"
+        self.paths.append(str(path))
+        self._current = ShardWriter(path)
+        return self._current
+
+    def write(self, record: dict[str, Any]) -> None:
+        writer = self._current
+        if (
+            writer is None
+            or writer.bytes_written >= self.max_bytes
+            or (self.max_records is not None and writer.count >= self.max_records)
+        ):
+            writer = self._roll()
+        before = writer.bytes_written
+        writer.write(record)
+        self.count += 1
+        self.bytes_written += writer.bytes_written - before
+
+    def close(self) -> list[str]:
+        """Finish the last shard, remove stale shards of this prefix; returns the shard paths."""
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+        keep = {Path(p).name for p in self.paths}
+        if self.out_dir.is_dir():
+            for old in self.out_dir.glob(f"{self.prefix}-*{self.suffix}"):
+                if old.name not in keep:
+                    old.unlink()
+        return list(self.paths)
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current.abort()
+            self._current = None
+
+    def __enter__(self) -> ShardSetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
