@@ -90,7 +90,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    path: str = "artifacts/tokenizer"  # folder with tokenizer.json (trained by tokenizer.train_tokenizer)
+    path: str = ""  # tokenizer folder (tokenizer.json); empty = the model.init_from folder
     vocab_size: int = 50257  # vocabulary size when training the tokenizer
     added_tokens: tuple[str, ...] = ("\t\t", "  ", "    ", "        ")  # whitespace tokens to add
 
@@ -291,6 +291,9 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive integer, got {value}")
+    if not cfg.tokenizer.path and not m.init_from:
+        raise ConfigError("tokenizer.path: required (a folder from python -m tokenizer.train_tokenizer) "
+                          "unless model.init_from names a Hugging Face folder")
     if m.vocab_size < 0:
         raise ConfigError(f"model.vocab_size: expected >= 0 (0 = from the tokenizer), got {m.vocab_size}")
     if m.hidden_size % m.num_heads:

@@ -145,6 +145,7 @@ class Compiled(struct.PyTreeNode):
     train_step: Any = struct.field(pytree_node=False)  # (state, batch) -> (state, metrics)
     eval_step: Any = struct.field(pytree_node=False)  # (params, batch) -> sums
     abstract_state: Any = struct.field(pytree_node=False)  # ShapeDtypeStructs with shardings (restore target)
+    state_from_params: Any = struct.field(pytree_node=False)  # params -> TrainState at step 0, fresh optimizer
 
 
 def _boxed_init(cfg: Config, tx, rng, seq_len: int) -> TrainState:
@@ -183,7 +184,11 @@ def compile_steps(cfg: Config, mesh: Mesh) -> Compiled:
         with sharding.rules_context():
             return eval_step(params, batch, cfg=cfg)
 
+    def from_params(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
     jit_init = jax.jit(init, out_shardings=state_sh)
+    jit_from_params = jax.jit(from_params, in_shardings=(state_sh.params,), out_shardings=state_sh)
     jit_train = jax.jit(wrapped_train, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
                         donate_argnums=0)
     jit_eval = jax.jit(wrapped_eval, in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
@@ -198,7 +203,8 @@ def compile_steps(cfg: Config, mesh: Mesh) -> Compiled:
         return run
 
     return Compiled(mesh=mesh, state_shardings=state_sh, batch_sharding=batch_sh, init=with_mesh(jit_init),
-                    train_step=with_mesh(jit_train), eval_step=with_mesh(jit_eval), abstract_state=abstract_state)
+                    train_step=with_mesh(jit_train), eval_step=with_mesh(jit_eval), abstract_state=abstract_state,
+                    state_from_params=with_mesh(jit_from_params))
 
 
 def _lower(fn, mesh, *args):

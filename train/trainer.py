@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from train import config as C
-from train import distributed, sharding
+from train import convert, distributed, sharding
 from train.checkpoint import Checkpointer, gather_host_states
 from train.metrics import MetricsWriter, Throughput, device_peak_flops, measured_cpu_peak_flops
 from train.step import compile_steps
@@ -36,21 +36,39 @@ def tokenizer_info(path: str | Path) -> tuple[int, int]:
     from tokenizers import Tokenizer
 
     file = Path(path) / "tokenizer.json"
-    if not file.exists():
+    if file.exists():
+        tok = Tokenizer.from_file(str(file))
+        eos, size = tok.token_to_id(EOS_TOKEN), tok.get_vocab_size(with_added_tokens=True)
+    elif (Path(path) / "vocab.json").exists():  # a GPT-2 style folder: vocab.json + merges.txt
+        from transformers import AutoTokenizer
+
+        fast = AutoTokenizer.from_pretrained(str(path))
+        eos, size = fast.convert_tokens_to_ids(EOS_TOKEN), len(fast)
+    else:
         raise C.ConfigError(
             f"tokenizer.path: {path} has no tokenizer.json (train one with python -m tokenizer.train_tokenizer)"
         )
-    tok = Tokenizer.from_file(str(file))
-    eos = tok.token_to_id(EOS_TOKEN)
     if eos is None:
-        raise C.ConfigError(f"tokenizer.path: {file} has no {EOS_TOKEN} token")
-    return tok.get_vocab_size(with_added_tokens=True), eos
+        raise C.ConfigError(f"tokenizer.path: {path} has no {EOS_TOKEN} token")
+    return size, eos
 
 
 def resolve(cfg: C.Config, device_count: int) -> C.Config:
     """Fill the values left to the run (vocabulary from the tokenizer, global batch from devices)
     so that the saved config repeats the run exactly."""
-    if not cfg.model.init_from:
+    if cfg.model.init_from:
+        # The Hugging Face folder decides the architecture (and the tokenizer unless one is set);
+        # numerics settings (compute dtype, remat, attention implementation) stay ours.
+        import json
+
+        hf_cfg = Path(cfg.model.init_from) / "config.json"
+        if not hf_cfg.exists():
+            raise C.ConfigError(f"model.init_from: {cfg.model.init_from} has no config.json")
+        arch = convert.model_config_from_hf(json.loads(hf_cfg.read_text()), cfg.model)
+        cfg = C.replace(cfg, model={f.name: getattr(arch, f.name) for f in dataclasses.fields(arch)})
+        if not cfg.tokenizer.path:
+            cfg = C.replace(cfg, tokenizer={"path": cfg.model.init_from})
+    else:
         vocab, _ = tokenizer_info(cfg.tokenizer.path)
         if cfg.model.vocab_size == 0:
             cfg = C.replace(cfg, model={"vocab_size": vocab})
@@ -129,24 +147,26 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg)
     compiled = compile_steps(cfg, mesh)
     batch_per_host = cfg.train.batch_size // jax.process_count()
-    loader, val_batches = _make_loaders(cfg, batch_per_host)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    writer = MetricsWriter(run_dir, cfg, active=is_main)
-
     start = ckpt.latest_step()
+    loader_state = None
     if start is None:
-        state = compiled.init(jax.random.PRNGKey(cfg.train.seed))
+        state = _initial_state(cfg, compiled)
     else:
         state, loader_states, _ = ckpt.restore(start, compiled.abstract_state)
-        own = loader_states.get(str(jax.process_index()))
-        if own is None or len(loader_states) != jax.process_count():
+        if len(loader_states) != jax.process_count():
             raise TrainingError(
                 f"{ckpt.directory}/{start}: saved by {len(loader_states)} processes, now {jax.process_count()}; "
                 "the data position cannot be carried over"
             )
-        loader.restore(own)
+        loader_state = loader_states[str(jax.process_index())]
         print(f"[train] resumed from step {start} in {ckpt.directory}", flush=True)
     step = int(state.step)
+    # No loader (and no data needed) when there is nothing to train, e.g. max_steps 0 after init_from.
+    loader, val_batches = (_make_loaders(cfg, batch_per_host) if step < cfg.train.max_steps else (None, []))
+    if loader is not None and loader_state is not None:  # None: saved before any data was read
+        loader.restore(loader_state)
+    writer = MetricsWriter(run_dir, cfg, active=is_main)
 
     peak = device_peak_flops(jax.devices()[0])
     if peak is None and jax.devices()[0].platform == "cpu":
@@ -194,7 +214,7 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
     def save(at: int, force: bool = False) -> None:
         nonlocal last_good_save
         flush()  # never checkpoint a state whose loss we have not checked
-        host_states = gather_host_states(loader.state())
+        host_states = gather_host_states(loader.state() if loader is not None else None)
         meta = {"step": at, "config": C.to_dict(cfg), "tokens": at * tokens_per_step}
         ckpt.save(at, state, host_states, meta, force=force)
         last_good_save = at
@@ -226,12 +246,25 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
                 save(step, force=True)
         finally:
             ckpt.close()
-            loader.close()
+            if loader is not None:
+                loader.close()
             writer.close()
             if progress is not None:
                 progress.close()
     return {"step": step, "history": history, "eval": eval_results, "run_dir": str(run_dir),
             "stopped_by": stop.received}
+
+
+def _initial_state(cfg: C.Config, compiled):
+    """A fresh state: random init, or the weights of ``model.init_from`` with a fresh optimizer."""
+    if not cfg.model.init_from:
+        return compiled.init(jax.random.PRNGKey(cfg.train.seed))
+    from train.hf_io import load_hf_folder
+
+    _, params = load_hf_folder(cfg.model.init_from, cfg.model)
+    params = jax.device_put(params, compiled.state_shardings.params)
+    print(f"[train] initialised from {cfg.model.init_from} ({cfg.model.family})", flush=True)
+    return compiled.state_from_params(params)
 
 
 def _progress(cfg: C.Config, is_main: bool, initial: int, total: int):
