@@ -291,9 +291,6 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive integer, got {value}")
-    if not cfg.tokenizer.path and not m.init_from:
-        raise ConfigError("tokenizer.path: required (a folder from python -m tokenizer.train_tokenizer) "
-                          "unless model.init_from names a Hugging Face folder")
     if m.vocab_size < 0:
         raise ConfigError(f"model.vocab_size: expected >= 0 (0 = from the tokenizer), got {m.vocab_size}")
     if m.hidden_size % m.num_heads:
@@ -344,6 +341,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"mesh.tensor: {cfg.mesh.tensor} does not divide model.num_heads={m.num_heads}")
     if m.mlp_width % max(cfg.mesh.tensor, 1):
         raise ConfigError(f"mesh.tensor: {cfg.mesh.tensor} does not divide the MLP width {m.mlp_width}")
+    if not cfg.tokenizer.path and not m.init_from:
+        raise ConfigError("tokenizer.path: required (a folder from python -m tokenizer.train_tokenizer) "
+                          "unless model.init_from names a Hugging Face folder")
 
 
 def mesh_shape(cfg: Config, device_count: int) -> tuple[int, int, int]:
