@@ -75,3 +75,13 @@ def test_cli_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("error: model.num_heads"), proc.stderr
+
+
+@pytest.mark.parametrize("name", ["finetune_gpt2", "finetune_gpt_neo"])
+def test_finetune_configs_need_init_from_and_follow_autocoder(name):
+    with pytest.raises(C.ConfigError, match="^tokenizer.path: .*model.init_from"):
+        C.load(f"configs/{name}.yaml")
+    cfg = C.load(f"configs/{name}.yaml", ["model.init_from=/models/x"])
+    assert cfg.optimizer.learning_rate == 5e-5 and cfg.data.block_size == 256
+    assert cfg.train.per_device_batch_size == 4 and cfg.checkpoint.keep_best == "eval_loss"
+    assert cfg.schedule.warmup_steps == 0.2 * cfg.train.max_steps

@@ -105,3 +105,15 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy(tiny_corpus, 
     text = pipeline("text-generation", model=str(out), tokenizer=tok)("import os", max_new_tokens=5)
     assert text[0]["generated_text"].startswith("import os")
     assert json.loads((out / "config.json").read_text())["model_type"] == "gpt_neo"
+
+
+def test_keep_best_keeps_lowest_eval_checkpoint_beside_last(tiny_corpus, tmp_path):
+    cfg = _cfg(tiny_corpus, tmp_path / "run", "train.max_steps=9", "train.eval_every=3",
+               "checkpoint.keep_best=eval_loss", "checkpoint.keep=1")
+    train(cfg)
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval_loss" in r]
+    want = min(evals, key=lambda r: r["eval_loss"])["step"]
+    _, _, best_step = restore_params(tmp_path / "run", best=True)
+    assert best_step == want
+    _, _, last_step = restore_params(tmp_path / "run")
+    assert last_step == 9

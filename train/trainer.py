@@ -167,6 +167,7 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
     if loader is not None and loader_state is not None:  # None: saved before any data was read
         loader.restore(loader_state)
     writer = MetricsWriter(run_dir, cfg, active=is_main)
+    best = BestCheckpoint(run_dir, cfg.checkpoint.keep_best) if cfg.checkpoint.keep_best else None
 
     peak = device_peak_flops(jax.devices()[0])
     if peak is None and jax.devices()[0].platform == "cpu":
@@ -236,6 +237,8 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
                     if is_main:
                         print(f"[eval] step {step}: loss {eval_results['eval_loss']:.4f} "
                               f"perplexity {eval_results['perplexity']:.2f}", flush=True)
+                    if best is not None:
+                        best.offer(step, eval_results, state, {"step": step, "config": C.to_dict(cfg), **eval_results})
                 if step % cfg.train.save_every == 0:
                     save(step)
                 if stop.received:
@@ -246,6 +249,8 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
                 save(step, force=True)
         finally:
             ckpt.close()
+            if best is not None:
+                best.close()
             if loader is not None:
                 loader.close()
             writer.close()
@@ -253,6 +258,38 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
                 progress.close()
     return {"step": step, "history": history, "eval": eval_results, "run_dir": str(run_dir),
             "stopped_by": stop.received}
+
+
+class BestCheckpoint:
+    """Keeps the one checkpoint with the lowest value of ``metric`` (e.g. eval_loss) in
+    ``RUN/checkpoints/best/``, beside the last-N checkpoints; survives resumes."""
+
+    def __init__(self, run_dir: Path, metric: str):
+        self.metric = metric
+        self.ckpt = Checkpointer(Path(run_dir) / "checkpoints" / "best", keep=1, async_save=False)
+        self.value = math.inf
+        step = self.ckpt.latest_step()
+        if step is not None:
+            meta = self.ckpt.manager.restore(step, args=ocp_meta_args())["meta"]
+            self.value = float(meta.get(metric, math.inf))
+
+    def offer(self, step: int, results: dict[str, float], state, meta: dict[str, Any]) -> bool:
+        if self.metric not in results:
+            raise C.ConfigError(f"checkpoint.keep_best: no metric {self.metric!r} (have {', '.join(results)})")
+        if not results[self.metric] < self.value:
+            return False
+        self.value = results[self.metric]
+        self.ckpt.save(step, state, {}, meta, force=True)
+        return True
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+def ocp_meta_args():
+    import orbax.checkpoint as ocp
+
+    return ocp.args.Composite(meta=ocp.args.JsonRestore())
 
 
 def _initial_state(cfg: C.Config, compiled):
@@ -275,9 +312,10 @@ def _progress(cfg: C.Config, is_main: bool, initial: int, total: int):
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-def restore_params(run_dir: str | Path, step: int | None = None, *, mesh=None):
+def restore_params(run_dir: str | Path, step: int | None = None, *, mesh=None, best: bool = False):
     """Parameters (and the run's config) of a checkpoint, on one device by default: what export,
-    sampling and evaluation need, without the optimizer state."""
+    sampling and evaluation need, without the optimizer state. ``best`` reads the best-by-eval
+    checkpoint kept with ``checkpoint.keep_best``."""
     run_dir = Path(run_dir)
     cfg = C.load(run_dir / "config.yaml")
     cfg = dataclasses.replace(cfg, mesh=C.MeshConfig(data=1, fsdp=1, tensor=1))
@@ -286,10 +324,11 @@ def restore_params(run_dir: str | Path, step: int | None = None, *, mesh=None):
                                             optimizer={"grad_accum_steps": 1}), jax.devices()[:1])
     compiled = compile_steps(cfg, mesh)
     target = compiled.abstract_state
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=10**6, async_save=False)
+    folder = run_dir / "checkpoints" / ("best" if best else "")
+    ckpt = Checkpointer(folder, keep=10**6, async_save=False)
     try:
         if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"{run_dir}/checkpoints: no checkpoint found")
+            raise FileNotFoundError(f"{folder}: no checkpoint found")
         state, _, meta = ckpt.restore(step, target)
     finally:
         ckpt.close()
