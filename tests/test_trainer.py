@@ -117,3 +117,35 @@ def test_keep_best_keeps_lowest_eval_checkpoint_beside_last(tiny_corpus, tmp_pat
     assert best_step == want
     _, _, last_step = restore_params(tmp_path / "run")
     assert last_step == 9
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_corpus, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data, tok = tiny_corpus
+    run = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "WANDB_MODE": "disabled"}
+    args = [sys.executable, "-m", "train", "--config", "configs/tiny.yaml",
+            "--set", f"run.output_dir={run}", "--set", f"data.train_dir={data / 'train'}",
+            "--set", f"data.validation_dir={data / 'validation'}", "--set", f"tokenizer.path={tok}",
+            "--set", "model.hidden_size=64", "--set", "model.num_layers=2", "--set", "data.block_size=64",
+            "--set", "train.batch_size=4", "--set", "train.max_steps=100000", "--set", "train.log_every=1",
+            "--set", "train.save_every=100000", "--set", "train.eval_every=0", "--set", "logging.progress=false",
+            "--set", "logging.wandb_mode=disabled"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM received" in out
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    logged = max(r["step"] for r in read_metrics(run))
+    assert steps == [logged] and 3 <= logged < 100000
