@@ -11,7 +11,9 @@ documents they do not own.
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 from collections.abc import Callable, Iterator
 
 from data_processing.shards import BadRecordCounter, ShardError, iter_lines, list_shards, parse_record
@@ -29,6 +31,11 @@ class ShardSource:
     """``*.jsonl[.zst|.gz]`` shards under a directory, a glob, an fsspec URL or a list of them."""
 
     def __init__(self, source):
+        text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+        if text is not None and "://" not in text and os.path.isabs(text) and glob.has_magic(text):
+            # list_shards globs relative to the working directory only; expand absolute globs here.
+            matches = sorted(glob.glob(text, recursive=True))
+            source = matches or text  # no match: let list_shards report "no shards found"
         self.paths = list_shards(source)
 
     def __len__(self) -> int:

@@ -304,3 +304,12 @@ def test_import_does_not_need_jax():
 
     code = "import sys, data_processing.loader; assert 'jax' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_fsspec_url_and_glob_read_the_same_stream(corpus, tokenizer_dir):
+    root, _ = corpus
+    with _loader(root, tokenizer_dir) as plain:
+        expected = np.stack(_take(plain, 5))
+    for source in (f"file://{root}", str(root / "shard-*.jsonl.zst")):
+        with _loader(source, tokenizer_dir) as other:
+            np.testing.assert_array_equal(np.stack(_take(other, 5)), expected)
