@@ -110,10 +110,8 @@ class Packer:
         if self.pieces or used < len(tokens):
             self.pieces.append([start, end, tokens, used])
             self.available += len(tokens) - used
+        # When no piece is left over, the next unused token is the first of the chunk after this one.
         self.last_end = end
-        if not self.pieces:
-            # The chunk was used up entirely by the skip: resume point moves past it.
-            self.last_end = end
         return True
 
     def resume_point(self) -> tuple[Any, int]:

@@ -313,3 +313,26 @@ def test_fsspec_url_and_glob_read_the_same_stream(corpus, tokenizer_dir):
     for source in (f"file://{root}", str(root / "shard-*.jsonl.zst")):
         with _loader(source, tokenizer_dir) as other:
             np.testing.assert_array_equal(np.stack(_take(other, 5)), expected)
+
+
+def test_host_batches_assemble_into_one_sharded_array(corpus, tokenizer_dir):
+    """What ``train/sharding.py`` does with the host batches: with 2 simulated hosts of 4 devices
+    each, host h's rows land on the data shards of its devices, in process order."""
+    jax = pytest.importorskip("jax")
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    root, _ = corpus
+    hosts = []
+    for host in range(2):
+        with _loader(root, tokenizer_dir, process_index=host, process_count=2) as loader:
+            hosts.append(next(loader))
+    full = global_batch(hosts)
+    devices = np.array(jax.devices()[:8])
+    sharding = NamedSharding(Mesh(devices, ("data",)), PartitionSpec("data"))
+    # In one process the "local" data is the whole global batch; on a pod each host passes its own.
+    array = jax.make_array_from_process_local_data(sharding, full)
+    assert array.shape == (2 * BATCH, BLOCK + 1)
+    for shard in array.addressable_shards:
+        row = shard.index[0].start
+        host, local_row = divmod(row, BATCH)
+        np.testing.assert_array_equal(np.asarray(shard.data)[0], hosts[host][local_row])
