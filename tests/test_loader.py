@@ -183,8 +183,16 @@ def test_exact_resume_single_process(corpus, tokenizer_dir, k):
     _check_resume(corpus[0], tokenizer_dir, k)
 
 
-def test_exact_resume_two_workers(corpus, tokenizer_dir):
-    _check_resume(corpus[0], tokenizer_dir, 13, num_workers=2, prefetch=3)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_exact_resume_worker_processes(corpus, tokenizer_dir, workers):
+    _check_resume(corpus[0], tokenizer_dir, 13, num_workers=workers, prefetch=3)
+
+
+def test_worker_processes_give_the_same_stream(corpus, tokenizer_dir):
+    with _loader(corpus[0], tokenizer_dir, num_workers=0) as inline:
+        expected = np.stack(_take(inline, 30))
+    with _loader(corpus[0], tokenizer_dir, num_workers=2, tokenize_batch=3) as workers:
+        np.testing.assert_array_equal(np.stack(_take(workers, 30)), expected)
 
 
 def test_two_hosts_disjoint_cover_and_resume(corpus, tokenizer_dir, tok, eos):
@@ -249,6 +257,7 @@ def test_hf_datasets_source(tmp_path, tokenizer_dir, tok, eos):
     ) as loader:
         epoch0, _ = _epoch_texts(loader, tok, eos, len(docs))
     assert Counter(epoch0) == Counter(docs)
+    _check_resume(src, tokenizer_dir, 6, shuffle_buffer=4, tokenize_batch=4)
     with pytest.raises(ValueError, match="allow_hub"):
         HFDatasetSource("someone/some-dataset")
 
