@@ -27,6 +27,8 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any
 
 import numpy as np
@@ -148,8 +150,14 @@ class TokenLoader:
         self._pool = None
         if num_workers > 0:
             # spawn, not fork: the host process usually runs JAX threads, which fork would break.
-            ctx = multiprocessing.get_context("spawn")
-            self._pool = ctx.Pool(num_workers, initializer=init_worker, initargs=(self.tokenizer_path,))
+            # A process pool executor, not multiprocessing.Pool: if a worker dies (OOM killer),
+            # pending results fail with BrokenProcessPool instead of waiting forever.
+            self._pool = ProcessPoolExecutor(
+                num_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_worker,
+                initargs=(self.tokenizer_path,),
+            )
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue()
@@ -201,8 +209,7 @@ class TokenLoader:
         """Stop the background thread and the worker processes."""
         self._shutdown_thread()
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def __enter__(self) -> TokenLoader:
@@ -252,7 +259,7 @@ class TokenLoader:
         pending: deque = deque()
         inflight = 2 * self.num_workers
         for start, end, texts, epoch_end in chunks:
-            job = self._pool.apply_async(worker_tokenize, (texts,)) if texts else None
+            job = self._pool.submit(worker_tokenize, texts) if texts else None
             pending.append((start, end, job, epoch_end))
             if len(pending) >= inflight:
                 yield self._collect(pending.popleft(), stop)
@@ -266,8 +273,8 @@ class TokenLoader:
             return start, end, np.zeros(0, dtype=np.int32), epoch_end
         while True:
             try:
-                return start, end, job.get(timeout=_POLL_S), epoch_end
-            except multiprocessing.TimeoutError:
+                return start, end, job.result(timeout=_POLL_S), epoch_end
+            except FuturesTimeout:
                 if stop.is_set():
                     raise _ClosedError from None
 
