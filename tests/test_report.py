@@ -19,7 +19,7 @@ def _fake_run(path: Path, name: str, lr: float, steps: int = 20, eval_every: int
     sched = learning_rate_schedule(cfg.optimizer, cfg.schedule)
     lines = []
     for s in range(1, steps + 1):
-        lines.append({"step": s, "loss": 5.0 / s, "learning_rate": float(sched(s)), "grad_norm": 1.0 + s,
+        lines.append({"step": s, "loss": 5.0 / s, "learning_rate": float(sched(s - 1)), "grad_norm": 1.0 + s,
                       "tokens": 64 * s, "tokens_per_second": 100.0 * s, "mfu": None if s < 3 else 0.01 * s,
                       "elapsed_s": 0.5 * s})
         if s % eval_every == 0:
@@ -33,9 +33,10 @@ def test_series_equal_sources(tmp_path):
     run = R.load_run(_fake_run(tmp_path / "a", "a", 1e-3))
     lr = R.plot_learning_rate([run])["a"]
     sched = learning_rate_schedule(run.cfg.optimizer, run.cfg.schedule)
-    np.testing.assert_array_equal(lr["schedule"][0], np.arange(21))
-    np.testing.assert_allclose(lr["schedule"][1], [float(sched(s)) for s in range(21)], rtol=0, atol=0)
+    np.testing.assert_array_equal(lr["schedule"][0], np.arange(1, 21))
+    np.testing.assert_allclose(lr["schedule"][1], [float(sched(s)) for s in range(20)], rtol=0, atol=0)
     assert lr["schedule"][1][0] == 0.0 and max(lr["schedule"][1]) == np.float32(1e-3)
+    np.testing.assert_array_equal(lr["logged"][1], lr["schedule"][1])  # logged lr of step s = schedule(s - 1)
 
     loss = R.plot_loss([run], "tokens")["a"]
     np.testing.assert_array_equal(loss["train"][0], 64 * np.arange(1, 21))
@@ -70,7 +71,7 @@ def test_figure_data_read_back_from_axes(tmp_path):
     line = captured["fig"].axes[0].get_lines()[0]
     xy = line.get_xydata()
     sched = learning_rate_schedule(run.cfg.optimizer, run.cfg.schedule)
-    np.testing.assert_allclose(xy[:, 1], [float(sched(int(x))) for x in xy[:, 0]], rtol=1e-7)
+    np.testing.assert_allclose(xy[:, 1], [float(sched(int(x) - 1)) for x in xy[:, 0]], rtol=1e-7)
     plt.close(captured["fig"])
 
 

@@ -62,13 +62,17 @@ def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[np.ndarray, 
 
 
 def schedule_series(cfg: C.Config, steps: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Learning rate at every step from 0 to max_steps, evaluated with the optimizer's own schedule."""
+    """(step, learning rate) for steps 1..max_steps, from the optimizer's own schedule.
+
+    metrics.jsonl numbers steps from 1 (the step count after the update), and the update that ends
+    at step s uses ``schedule(s - 1)`` (optax counts updates from 0); the logged ``learning_rate`` is
+    that value, so the curve is ``(s, schedule(s - 1))`` and the logged dots lie on it."""
     from train.optimizer import learning_rate_schedule
 
     if steps is None:
-        steps = np.arange(cfg.train.max_steps + 1)
+        steps = np.arange(1, cfg.train.max_steps + 1)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.schedule)
-    return np.asarray(steps, dtype=np.float64), np.asarray([float(schedule(int(s))) for s in steps])
+    return np.asarray(steps, dtype=np.float64), np.asarray([float(schedule(int(s) - 1)) for s in steps])
 
 
 def _finish(fig, ax, path: Path | None, title: str, xlabel: str, ylabel: str, log_y: bool = False) -> None:
