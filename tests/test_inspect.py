@@ -94,3 +94,28 @@ def test_cli(hf_dir, tmp_path):
 
     main(["--hf", str(hf_dir), "--text", "x = 1", "--out", str(tmp_path), "--top-k", "2"])
     assert (tmp_path / "index.html").exists() and (tmp_path / "attention_layer1.png").exists()
+
+
+@pytest.mark.slow
+def test_run_checkpoint(hf_dir, tmp_path):
+    """--run: the latest checkpoint of a run directory and the run's tokenizer."""
+    import jax
+
+    from tests.helpers import tiny_config
+    from train import config as C
+    from train import sharding
+    from train.checkpoint import Checkpointer
+    from train.inspect import main
+    from train.step import compile_steps
+
+    run = tmp_path / "run"
+    cfg = tiny_config(f"tokenizer.path={hf_dir}", "train.batch_size=1", "mesh.data=1")
+    C.save(cfg, run)
+    compiled = compile_steps(cfg, sharding.make_mesh(cfg, jax.devices()[:1]))
+    ckpt = Checkpointer(run / "checkpoints", async_save=False)
+    ckpt.save(1, compiled.init(jax.random.PRNGKey(0)), {}, {"step": 1})
+    ckpt.wait()
+    ckpt.close()
+    out = tmp_path / "out"
+    main(["--run", str(run), "--text", TEXT, "--out", str(out)])
+    assert (out / "index.html").exists() and (out / f"attention_layer{cfg.model.num_layers - 1}.png").exists()
