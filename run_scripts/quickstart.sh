@@ -2,7 +2,7 @@
 # The whole pipeline on a fresh machine, on the embedded default corpus (this Python
 # installation's own standard library): set up -> prepare (ingest, filter, dedup, split) ->
 # train a BPE tokenizer -> train configs/tiny.yaml on the CPU -> evaluate -> export to a
-# Hugging Face folder -> sample a completion. A few minutes on 2 cores.
+# Hugging Face folder -> sample a completion -> run and data reports. A few minutes on 2 cores.
 # Environment: DATA (default data), TOK (artifacts/tokenizer), RUN (runs/tiny), EXTRA_SET
 # (extra "--set k=v" arguments for the trainer).
 set -euo pipefail
@@ -42,6 +42,10 @@ say "5/5 export to a Hugging Face folder, and sample"
 python -m train.export --run "$RUN" --out "$RUN/hf"
 python -m train.generate --run "$RUN" --prompt "def fibonacci(n):" --max-new-tokens 48 --temperature 0
 
+say "report"
+python -m train.report --run "$RUN" --out "$RUN/report"
+python -m data_processing.report --data "$DATA" --out "$DATA/report"
+
 say "done"
 cat <<TXT
 data:        $DATA/train, $DATA/validation, $DATA/report.json
@@ -49,4 +53,5 @@ tokenizer:   $TOK
 run:         $RUN/config.yaml, $RUN/metrics.jsonl, $RUN/checkpoints/
 wandb:       $RUN/wandb (offline; 'wandb sync' to upload)
 HF export:   $RUN/hf  (transformers.pipeline("text-generation", model="$RUN/hf"))
+reports:     $RUN/report/index.html, $DATA/report/index.html
 TXT
