@@ -1,0 +1,363 @@
+"""``TokenLoader``: the streaming, packing, host-split, exactly resumable training loader.
+
+Pipeline (one background thread in the host process, plus tokenizer worker processes)::
+
+    DocStream (seeded order, host split, shuffle buffer)      main process, one thread
+      -> chunks of ``tokenize_batch`` documents, each tagged with the stream state before it
+      -> tokenized in worker processes, results taken back in submission order
+      -> Packer: EOS-joined token stream cut into [batch, block_size + 1] windows
+      -> bounded prefetch queue -> ``next(loader)``
+
+Because the order of documents is decided in one thread and workers only turn a chunk into
+tokens, the batches are a pure function of ``(source, tokenizer, seed, host split, block and
+batch size)``, whatever the worker timing. ``state()`` is the resume point of the last batch
+handed out: the stream state at the start of the chunk holding the next unused token plus how
+many of its tokens were already used; restoring re-tokenizes that one chunk.
+
+No JAX here: the host split arrives as ``process_index`` / ``process_count`` and each host gets
+numpy arrays; ``train/sharding.py`` assembles the global ``jax.Array``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
+from typing import Any
+
+import numpy as np
+
+from data_processing.docstream import EPOCH_END, DocStream
+from data_processing.packing import (
+    Packer,
+    init_worker,
+    load_tokenizer,
+    tokenize_texts,
+    tokenizer_file,
+    worker_tokenize,
+)
+from data_processing.shards import BadRecordCounter
+from data_processing.sources import HFDatasetSource, ShardSource, make_source
+
+__all__ = ["HFDatasetSource", "LoaderState", "ShardSource", "TokenLoader", "validation_batches"]
+
+logger = logging.getLogger(__name__)
+
+LoaderState = dict[str, Any]  # JSON-serialisable; see ``TokenLoader.state``
+STATE_VERSION = 1
+_POLL_S = 0.1  # how often blocked pipeline steps check for close()
+
+
+class _ClosedError(Exception):
+    """Raised inside the producer thread when the loader is closed or restored."""
+
+
+def _chunks(docs: DocStream, tokenize_batch: int, stop: threading.Event):
+    """``(start_state, end_state, texts, epoch_end)`` groups of documents; a chunk never spans
+    an epoch boundary so that each epoch's size can be checked."""
+    while not docs.finished:
+        if stop.is_set():
+            raise _ClosedError
+        start = docs.snapshot()
+        texts: list[str] = []
+        epoch_end = False
+        while len(texts) < tokenize_batch:
+            try:
+                doc = docs.next_doc()
+            except StopIteration:
+                break
+            if doc is EPOCH_END:
+                epoch_end = True
+                break
+            texts.append(doc)
+        yield start, docs.snapshot(), texts, epoch_end
+
+
+def _check_epoch_sizes(chunks, *, window: int, process_index: int, process_count: int, from_start: bool):
+    """Pass tokenized chunks through, raising if a whole epoch is shorter than one window:
+    such a corpus cannot fill a block, and training on it would be a mistake."""
+    tokens = 0
+    for start, end, ids, epoch_end in chunks:
+        tokens += len(ids)
+        if epoch_end:
+            if from_start and tokens < window:
+                raise ValueError(
+                    f"corpus too small: one epoch gives host {process_index} of {process_count} only "
+                    f"{tokens} tokens, fewer than one block of block_size + 1 = {window}"
+                )
+            tokens, from_start = 0, True
+        yield start, end, ids
+
+
+def _at_epoch_start(doc_state: dict[str, Any] | None) -> bool:
+    if doc_state is None:
+        return True
+    return not (doc_state["unit"] or doc_state["line"] or doc_state["emitted"] or doc_state["buffer"])
+
+
+class TokenLoader:
+    """Infinite iterator of host-local int32 batches ``[batch_size_per_host, block_size + 1]``.
+
+    ``source``: a shard directory / glob / fsspec URL / list, or an ``HFDatasetSource``.
+    ``tokenizer_path``: a folder holding ``tokenizer.json`` (or the file) with ``<|endoftext|>``.
+    Host ``process_index`` of ``process_count`` reads only its own documents (every
+    ``process_count``-th line of the epoch's stream). ``num_workers`` tokenizer processes
+    (0: tokenize in the loader thread). ``skip_bad`` counts, logs and skips bad records instead
+    of raising ``ShardError``; ``bad_records`` holds the counts. Epochs repeat forever, each with
+    a new seeded shard order and shuffle.
+    """
+
+    def __init__(
+        self,
+        source,
+        tokenizer_path,
+        *,
+        block_size: int,
+        batch_size_per_host: int,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 1,
+        process_index: int = 0,
+        process_count: int = 1,
+        skip_bad: bool = False,
+        prefetch: int = 2,
+        tokenize_batch: int = 256,
+    ):
+        if block_size < 1 or batch_size_per_host < 1 or tokenize_batch < 1:
+            raise ValueError("block_size, batch_size_per_host and tokenize_batch must be positive")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self.source = make_source(source)
+        self.tokenizer_path = tokenizer_file(tokenizer_path)
+        self._tokenizer, self.eos_id = load_tokenizer(self.tokenizer_path)
+        self.block_size = block_size
+        self.batch_size_per_host = batch_size_per_host
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.num_workers = num_workers
+        self.process_index = process_index
+        self.process_count = process_count
+        self.skip_bad = skip_bad
+        self.prefetch = max(1, prefetch)
+        self.tokenize_batch = tokenize_batch
+        self.bad_records = BadRecordCounter()
+        self._pool = None
+        if num_workers > 0:
+            # spawn, not fork: the host process usually runs JAX threads, which fork would break.
+            # A process pool executor, not multiprocessing.Pool: if a worker dies (OOM killer),
+            # pending results fail with BrokenProcessPool instead of waiting forever.
+            self._pool = ProcessPoolExecutor(
+                num_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_worker,
+                initargs=(self.tokenizer_path,),
+            )
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue()
+        self._state = self._make_state(None, 0)
+        self._start(None, 0)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        """The next batch, int32 ``[batch_size_per_host, block_size + 1]``."""
+        if self._thread is None:
+            raise RuntimeError("TokenLoader is closed")
+        while True:
+            try:
+                kind, value, state = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("loader thread died without reporting an error") from None
+        if kind == "error":
+            raise value
+        self._state = state
+        return value
+
+    def state(self) -> LoaderState:
+        """Small JSON-serialisable state (KBs: positions, not text) of the last batch returned.
+
+        Save it with every checkpoint (per host); ``restore`` makes the following batches
+        identical to those of an uninterrupted run.
+        """
+        return self._state
+
+    def restore(self, state: LoaderState) -> None:
+        """Continue exactly after the batch at which ``state`` was taken."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        mine = self._make_state(None, 0)
+        for key in ("seed", "process_index", "process_count", "num_units"):
+            if state[key] != mine[key]:
+                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r}")
+        self._shutdown_thread()
+        self._state = state
+        self._start(state["docs"], int(state["skip"]))
+
+    def close(self) -> None:
+        """Stop the background thread and the worker processes."""
+        self._shutdown_thread()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> TokenLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # -- pipeline -------------------------------------------------------------------------------
+
+    def _make_state(self, doc_state: dict[str, Any] | None, skip: int) -> LoaderState:
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+            "num_units": len(self.source),
+            "docs": doc_state,
+            "skip": skip,
+        }
+
+    def _start(self, doc_state: dict[str, Any] | None, skip: int) -> None:
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._thread = threading.Thread(
+            target=self._run, args=(doc_state, skip, self._stop, self._queue), name="TokenLoader", daemon=True
+        )
+        self._thread.start()
+
+    def _shutdown_thread(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+
+    def _tokenized(self, chunks, stop: threading.Event):
+        """Tokenize chunks, in order, with up to two chunks per worker in flight."""
+        if self._pool is None:
+            for start, end, texts, epoch_end in chunks:
+                yield start, end, tokenize_texts(self._tokenizer, self.eos_id, texts), epoch_end
+            return
+        pending: deque = deque()
+        inflight = 2 * self.num_workers
+        for start, end, texts, epoch_end in chunks:
+            job = self._pool.submit(worker_tokenize, texts) if texts else None
+            pending.append((start, end, job, epoch_end))
+            if len(pending) >= inflight:
+                yield self._collect(pending.popleft(), stop)
+        while pending:
+            yield self._collect(pending.popleft(), stop)
+
+    @staticmethod
+    def _collect(item, stop: threading.Event):
+        start, end, job, epoch_end = item
+        if job is None:
+            return start, end, np.zeros(0, dtype=np.int32), epoch_end
+        while True:
+            try:
+                return start, end, job.result(timeout=_POLL_S), epoch_end
+            except FuturesTimeout:
+                if stop.is_set():
+                    raise _ClosedError from None
+
+    def _run(self, doc_state, skip: int, stop: threading.Event, out: queue.Queue) -> None:
+        def put(item) -> None:
+            while True:
+                try:
+                    out.put(item, timeout=_POLL_S)
+                    return
+                except queue.Full:
+                    if stop.is_set():
+                        raise _ClosedError from None
+
+        try:
+            docs = DocStream(
+                self.source,
+                seed=self.seed,
+                shuffle_buffer=self.shuffle_buffer,
+                process_index=self.process_index,
+                process_count=self.process_count,
+                skip_bad=self.skip_bad,
+                bad=self.bad_records,
+                state=doc_state,
+            )
+            window = self.block_size + 1
+            chunks = _check_epoch_sizes(
+                self._tokenized(_chunks(docs, self.tokenize_batch, stop), stop),
+                window=window,
+                process_index=self.process_index,
+                process_count=self.process_count,
+                from_start=_at_epoch_start(doc_state) and skip == 0,
+            )
+            packer = Packer(
+                chunks, block_size=self.block_size, batch_size=self.batch_size_per_host, skip=skip
+            )
+            for batch in packer:
+                if stop.is_set():
+                    return
+                start, used = packer.resume_point()
+                put(("batch", batch, self._make_state(start, used)))
+        except _ClosedError:
+            return
+        except BaseException as err:  # hand every failure to the consumer instead of hanging it
+            try:
+                put(("error", err, None))
+            except _ClosedError:
+                return
+
+
+def validation_batches(
+    source,
+    tokenizer_path,
+    *,
+    block_size: int,
+    batch_size_per_host: int,
+    num_batches: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    skip_bad: bool = False,
+) -> list[np.ndarray]:
+    """The first ``num_batches`` batches of one unshuffled pass (sorted shards, file order),
+    packed like training batches; identical on every call. Raises ``ValueError`` if one pass
+    does not hold ``num_batches`` batches for this host."""
+    src = make_source(source)
+    tokenizer, eos_id = load_tokenizer(tokenizer_path)
+    docs = DocStream(
+        src,
+        shuffle_buffer=1,
+        shuffle_units=False,
+        process_index=process_index,
+        process_count=process_count,
+        skip_bad=skip_bad,
+        max_epochs=1,
+    )
+    never = threading.Event()
+    chunks = ((s, e, tokenize_texts(tokenizer, eos_id, t)) for s, e, t, _ in _chunks(docs, 256, never))
+    packer = Packer(chunks, block_size=block_size, batch_size=batch_size_per_host)
+    batches = []
+    for batch in packer:
+        batches.append(batch)
+        if len(batches) == num_batches:
+            return batches
+    raise ValueError(
+        f"validation data too small: one pass gives host {process_index} of {process_count} only "
+        f"{len(batches)} batches of {batch_size_per_host} x {block_size + 1} tokens, {num_batches} requested"
+    )

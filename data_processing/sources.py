@@ -1,0 +1,191 @@
+"""Document sources for the loader: shard files, or a Hugging Face ``datasets`` stream.
+
+A source is a sequence of *units* (a shard file, or the whole HF stream) and each unit is a
+sequence of numbered lines (1-based). The loader addresses a document by ``(unit, line)``,
+which is what makes its state small: it can re-read any document by position instead of
+storing text. ``iter_unit`` yields ``(line, text_or_None)`` for every line so the caller can
+track its position; ``None`` stands for a line that is blank, bad (and skipped) or owned by
+another host. Ownership is decided *before* parsing so that hosts skip the JSON work for the
+documents they do not own.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+from data_processing.shards import BadRecordCounter, ShardError, iter_lines, list_shards, parse_record
+
+logger = logging.getLogger(__name__)
+
+Owned = Callable[[int], bool]
+
+
+def _always(_line: int) -> bool:
+    return True
+
+
+class ShardSource:
+    """``*.jsonl[.zst|.gz]`` shards under a directory, a glob, an fsspec URL or a list of them."""
+
+    def __init__(self, source):
+        text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+        if text is not None and "://" not in text and os.path.isabs(text) and glob.has_magic(text):
+            # list_shards globs relative to the working directory only; expand absolute globs here.
+            matches = sorted(glob.glob(text, recursive=True))
+            source = matches or text  # no match: let list_shards report "no shards found"
+        self.paths = list_shards(source)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self, unit: int) -> str:
+        """Human-readable name of one unit, for error messages."""
+        return self.paths[unit]
+
+    def iter_unit(
+        self,
+        unit: int,
+        *,
+        start_line: int = 0,
+        owned: Owned = _always,
+        skip_bad: bool = False,
+        bad: BadRecordCounter | None = None,
+    ) -> Iterator[tuple[int, str | None]]:
+        """Yield ``(line, text)`` for lines after ``start_line``; ``text`` is None for lines
+        that are not ``owned``, blank, or bad and skipped. Bad lines raise ``ShardError``
+        naming file:line unless ``skip_bad``."""
+        path = self.paths[unit]
+        lines = iter_lines(path, start_line=start_line)
+        while True:
+            try:
+                lineno, line = next(lines)
+            except StopIteration:
+                return
+            except ShardError as err:
+                # A corrupt compressed stream ends the shard: nothing after it is readable.
+                if not skip_bad:
+                    raise
+                _count_bad(bad, "unreadable shard", str(err))
+                return
+            if not owned(lineno) or not line.strip():
+                yield lineno, None
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                text = parse_record(line, where)["text"]
+            except ShardError as err:
+                if not skip_bad:
+                    raise
+                _count_bad(bad, str(err)[len(where) + 2 :], where)
+                yield lineno, None
+                continue
+            yield lineno, text
+
+
+# Builders of ``load_dataset`` that read local or remote files the caller names; anything else
+# is a hub dataset id, which needs ``allow_hub=True`` so that no test or run downloads by accident.
+_FILE_BUILDERS = {"json", "parquet", "csv", "text", "arrow"}
+
+
+class HFDatasetSource:
+    """A Hugging Face ``datasets`` stream (``load_dataset(..., streaming=True)``) as one unit.
+
+    Example: ``HFDatasetSource("json", data_files="data/*.jsonl")`` or
+    ``HFDatasetSource("parquet", data_files=[...])``; hub ids such as
+    ``HFDatasetSource("codeparrot/github-code", allow_hub=True)``. Positions are example
+    indices, so resuming re-streams up to the saved position (``IterableDataset.skip``).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        name: str | None = None,
+        data_files=None,
+        split: str = "train",
+        text_field: str = "text",
+        allow_hub: bool = False,
+        **load_kwargs,
+    ):
+        if path not in _FILE_BUILDERS and not allow_hub:
+            raise ValueError(
+                f"HFDatasetSource({path!r}): not one of the file builders {sorted(_FILE_BUILDERS)}; "
+                "pass allow_hub=True to stream a dataset from the Hugging Face hub"
+            )
+        if path in _FILE_BUILDERS and data_files is None:
+            raise ValueError(f"HFDatasetSource({path!r}) needs data_files")
+        self.path = path
+        self.name = name
+        self.data_files = data_files
+        self.split = split
+        self.text_field = text_field
+        self.load_kwargs = load_kwargs
+        self._ds = None
+
+    def __len__(self) -> int:
+        return 1
+
+    def describe(self, unit: int) -> str:
+        """Human-readable name of the stream, for error messages."""
+        return f"datasets:{self.path}" + (f"[{self.name}]" if self.name else "") + f"/{self.split}"
+
+    def _dataset(self):
+        if self._ds is not None:
+            return self._ds
+        from datasets import load_dataset  # heavy import, only when this source is used
+
+        # Built once: resolving data files is slow, and the streaming dataset can be re-iterated.
+        self._ds = load_dataset(
+            self.path,
+            self.name,
+            data_files=self.data_files,
+            split=self.split,
+            streaming=True,
+            **self.load_kwargs,
+        )
+        return self._ds
+
+    def iter_unit(
+        self,
+        unit: int,
+        *,
+        start_line: int = 0,
+        owned: Owned = _always,
+        skip_bad: bool = False,
+        bad: BadRecordCounter | None = None,
+    ) -> Iterator[tuple[int, str | None]]:
+        """Yield ``(index, text)`` (1-based) for examples after ``start_line``."""
+        ds = self._dataset()
+        if start_line:
+            ds = ds.skip(start_line)
+        where_prefix = self.describe(unit)
+        for index, example in enumerate(ds, start=start_line + 1):
+            if not owned(index):
+                yield index, None
+                continue
+            text = example.get(self.text_field)
+            if not isinstance(text, str):
+                where = f"{where_prefix}:{index}"
+                message = f"example has no string field {self.text_field!r}"
+                if not skip_bad:
+                    raise ShardError(f"{where}: {message}")
+                _count_bad(bad, message, where)
+                yield index, None
+                continue
+            yield index, text
+
+
+def _count_bad(bad: BadRecordCounter | None, reason: str, where: str) -> None:
+    logger.warning("skipping bad input at %s: %s", where, reason)
+    if bad is not None:
+        bad.add(reason, where)
+
+
+def make_source(source) -> ShardSource | HFDatasetSource:
+    """Wrap a dir / glob / URL / list of shards as a ``ShardSource``; pass source objects through."""
+    if isinstance(source, (ShardSource, HFDatasetSource)):
+        return source
+    return ShardSource(source)

@@ -1,0 +1,47 @@
+"""The loader benchmark runs end to end on its smallest corpus and reports its JSON fields."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_loader_smallest_path():
+    out = subprocess.run(
+        [
+            sys.executable,
+            "bench/loader.py",
+            "--quick",
+            "--mb",
+            "0.3",
+            "--vocab-size",
+            "500",
+            "--block-size",
+            "128",
+            "--batch-size",
+            "4",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in (
+        "tokens_per_second",
+        "peer_tokens_per_second",
+        "speedup",
+        "cpu_cores",
+        "num_workers",
+        "block_size",
+        "mb",
+    ):
+        assert key in result, key
+    assert result["tokens_per_second"] > 0 and result["peer_tokens_per_second"] > 0
+    assert result["block_size"] == 128

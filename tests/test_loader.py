@@ -1,0 +1,360 @@
+"""Tests of the streaming loader: packing, coverage, shuffling, host split, exact resumption,
+validation stream and bad input. Everything runs on tiny local shards and a tiny tokenizer."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_processing.loader import HFDatasetSource, TokenLoader, validation_batches
+from data_processing.shards import ShardError, write_shard
+
+BLOCK = 64
+BATCH = 4
+
+
+def _stdlib_texts(limit_bytes: int) -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts, total = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text)
+        total += len(text)
+        if total >= limit_bytes:
+            break
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE (vocab 1000) trained in under a second on some stdlib source."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_stdlib_texts(300_000), trainer)
+    out = tmp_path_factory.mktemp("tok")
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tok(tokenizer_dir):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def eos(tok) -> int:
+    return tok.token_to_id("<|endoftext|>")
+
+
+def _documents(n: int) -> list[str]:
+    """``n`` distinct documents of varied length (a numbered header + a slice of stdlib code)."""
+    source = "".join(_stdlib_texts(200_000))
+    rng = np.random.default_rng(0)
+    docs = []
+    for i in range(n):
+        length = int(rng.integers(20, 1200))
+        start = int(rng.integers(0, len(source) - length))
+        docs.append(f"# document {i}\n" + source[start : start + length])
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
+    """3 zstd shards, 90 documents, ~15k tokens per epoch."""
+    docs = _documents(90)
+    root = tmp_path_factory.mktemp("corpus")
+    for s in range(3):
+        write_shard(
+            root / f"shard-{s:02d}.jsonl.zst",
+            ({"text": t, "meta": {"i": i}} for i, t in list(enumerate(docs))[s * 30 : (s + 1) * 30]),
+        )
+    return root, docs
+
+
+def _loader(corpus_dir, tokenizer_dir, **kw) -> TokenLoader:
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("shuffle_buffer", 16)
+    kw.setdefault("tokenize_batch", 8)
+    return TokenLoader(corpus_dir, tokenizer_dir, block_size=BLOCK, batch_size_per_host=BATCH, **kw)
+
+
+def _take(loader, n: int) -> list[np.ndarray]:
+    return [next(loader) for _ in range(n)]
+
+
+def _split_docs(stream: np.ndarray, eos: int) -> list[np.ndarray]:
+    """Token runs between EOS tokens (the last, unterminated run is dropped)."""
+    ends = np.flatnonzero(stream == eos)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [stream[s:e] for s, e in zip(starts, ends, strict=True)]
+
+
+def _epoch_texts(loader, tok, eos, n_docs: int) -> list[list[str]]:
+    """Decode the documents of the first two epochs from the packed stream."""
+    batches = []
+    stream = np.zeros(0, np.int32)
+    while (stream == eos).sum() < 2 * n_docs:
+        batches.append(next(loader))
+        stream = np.concatenate(batches).ravel()
+    texts = [tok.decode(d.tolist()) for d in _split_docs(stream, eos)]
+    return [texts[:n_docs], texts[n_docs : 2 * n_docs]]
+
+
+def global_batch(host_batches: list[np.ndarray]) -> np.ndarray:
+    """How host batches compose: the global batch is their concatenation in process order,
+    which is what ``jax.make_array_from_process_local_data`` builds along the data axes."""
+    return np.concatenate(host_batches, axis=0)
+
+
+# -- packing -----------------------------------------------------------------------------------
+
+
+def test_shape_dtype_eos_and_no_padding(corpus, tokenizer_dir, tok, eos):
+    root, docs = corpus
+    with _loader(root, tokenizer_dir, shuffle_buffer=1) as loader:
+        batches = _take(loader, 30)
+    for b in batches:
+        assert b.shape == (BATCH, BLOCK + 1) and b.dtype == np.int32
+    stream = np.concatenate(batches).ravel()
+    # No padding: every window is filled with real tokens; EOS only between documents.
+    texts = [tok.decode(d.tolist()) for d in _split_docs(stream, eos)]
+    assert len(texts) > 5
+    # Every decoded run is exactly one whole document: EOS follows every document.
+    assert all(t in set(docs) for t in texts)
+    # Windows are consecutive slices of one stream: batch k+1 continues where batch k stopped.
+    whole = np.concatenate([np.asarray(tok.encode(t, add_special_tokens=False).ids + [eos]) for t in texts])
+    np.testing.assert_array_equal(stream[: len(whole)], whole)
+
+
+def test_every_document_once_per_epoch_and_reshuffled(corpus, tokenizer_dir, tok, eos):
+    root, docs = corpus
+    with _loader(root, tokenizer_dir, seed=3) as loader:
+        epoch0, epoch1 = _epoch_texts(loader, tok, eos, len(docs))
+    assert Counter(epoch0) == Counter(docs)
+    assert Counter(epoch1) == Counter(docs)
+    assert epoch0 != epoch1, "each epoch is reshuffled"
+    assert epoch0 != docs, "documents are shuffled"
+    with _loader(root, tokenizer_dir, seed=3) as again:
+        np.testing.assert_array_equal(
+            np.stack(_take(again, 10)), np.stack(_take(_loader(root, tokenizer_dir, seed=3), 10))
+        )
+    with _loader(root, tokenizer_dir, seed=4) as other:
+        first_other = np.stack(_take(other, 10))
+    with _loader(root, tokenizer_dir, seed=3) as same:
+        assert not np.array_equal(first_other, np.stack(_take(same, 10)))
+
+
+# -- exact resumption --------------------------------------------------------------------------
+
+
+def _check_resume(root, tokenizer_dir, k: int, **kw):
+    with _loader(root, tokenizer_dir, **kw) as straight:
+        reference = _take(straight, k + 21)
+    with _loader(root, tokenizer_dir, **kw) as first:
+        _take(first, k)
+        saved = json.loads(json.dumps(first.state()))  # goes through a checkpoint file
+    assert len(json.dumps(saved)) < 20_000
+    with _loader(root, tokenizer_dir, **kw) as second:
+        _take(second, 3)  # a restore replaces whatever the loader was doing
+        second.restore(saved)
+        resumed = _take(second, 21)
+    for i, (a, b) in enumerate(zip(reference[k:], resumed, strict=True)):
+        np.testing.assert_array_equal(a, b, err_msg=f"batch {k + i} differs after restore")
+
+
+@pytest.mark.parametrize("k", [0, 7, 50, 75])
+def test_exact_resume_single_process(corpus, tokenizer_dir, k):
+    # k = 50..75 crosses the epoch boundary (about 58 batches per epoch).
+    _check_resume(corpus[0], tokenizer_dir, k)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_exact_resume_worker_processes(corpus, tokenizer_dir, workers):
+    _check_resume(corpus[0], tokenizer_dir, 13, num_workers=workers, prefetch=3)
+
+
+def test_worker_processes_give_the_same_stream(corpus, tokenizer_dir):
+    with _loader(corpus[0], tokenizer_dir, num_workers=0) as inline:
+        expected = np.stack(_take(inline, 30))
+    with _loader(corpus[0], tokenizer_dir, num_workers=2, tokenize_batch=3) as workers:
+        np.testing.assert_array_equal(np.stack(_take(workers, 30)), expected)
+
+
+def test_two_hosts_disjoint_cover_and_resume(corpus, tokenizer_dir, tok, eos):
+    root, docs = corpus
+    per_host = []
+    for host in range(2):
+        with _loader(root, tokenizer_dir, process_index=host, process_count=2, seed=1) as loader:
+            # 90 documents, every other line per host: each host owns 45 of them per epoch.
+            epoch0, _ = _epoch_texts(loader, tok, eos, len(docs) // 2)
+        with _loader(root, tokenizer_dir, process_index=host, process_count=2, seed=1) as loader:
+            first = next(loader)
+        per_host.append((first, epoch0))
+    docs0, docs1 = per_host[0][1], per_host[1][1]
+    assert not set(docs0) & set(docs1), "hosts never read the same document"
+    assert Counter(docs0 + docs1) == Counter(docs), "together the hosts cover the epoch"
+    gb = global_batch([per_host[0][0], per_host[1][0]])
+    assert gb.shape == (2 * BATCH, BLOCK + 1)
+    np.testing.assert_array_equal(gb[BATCH:], per_host[1][0])
+    for host in range(2):
+        _check_resume(root, tokenizer_dir, 9, process_index=host, process_count=2, seed=1)
+
+
+def test_restore_rejects_other_host(corpus, tokenizer_dir):
+    root, _ = corpus
+    with _loader(root, tokenizer_dir, process_index=0, process_count=2) as a:
+        next(a)
+        state = a.state()
+    with _loader(root, tokenizer_dir, process_index=1, process_count=2) as b, pytest.raises(ValueError):
+        b.restore(state)
+
+
+# -- validation and other sources --------------------------------------------------------------
+
+
+def test_validation_deterministic_and_unshuffled(corpus, tokenizer_dir, tok, eos):
+    root, docs = corpus
+    a = validation_batches(root, tokenizer_dir, block_size=BLOCK, batch_size_per_host=BATCH, num_batches=5)
+    b = validation_batches(root, tokenizer_dir, block_size=BLOCK, batch_size_per_host=BATCH, num_batches=5)
+    assert len(a) == 5
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
+    texts = [tok.decode(d.tolist()) for d in _split_docs(np.concatenate(a).ravel(), eos)]
+    assert texts == docs[: len(texts)], "validation reads documents in file order"
+    with pytest.raises(ValueError, match="validation data too small"):
+        validation_batches(
+            root, tokenizer_dir, block_size=BLOCK, batch_size_per_host=BATCH, num_batches=10_000
+        )
+
+
+def test_hf_datasets_source(tmp_path, tokenizer_dir, tok, eos):
+    docs = _documents(12)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"content": t}) + "\n" for t in docs))
+    src = HFDatasetSource("json", data_files=str(data), text_field="content")
+    with TokenLoader(
+        src,
+        tokenizer_dir,
+        block_size=BLOCK,
+        batch_size_per_host=BATCH,
+        num_workers=0,
+        shuffle_buffer=4,
+        tokenize_batch=4,
+    ) as loader:
+        epoch0, _ = _epoch_texts(loader, tok, eos, len(docs))
+    assert Counter(epoch0) == Counter(docs)
+    _check_resume(src, tokenizer_dir, 6, shuffle_buffer=4, tokenize_batch=4)
+    with pytest.raises(ValueError, match="allow_hub"):
+        HFDatasetSource("someone/some-dataset")
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def test_bad_line_names_file_and_line(tmp_path, tokenizer_dir):
+    docs = _documents(40)
+    write_shard(tmp_path / "a.jsonl.zst", ({"text": t} for t in docs[:20]))
+    bad = tmp_path / "b.jsonl"
+    lines = [json.dumps({"text": t}) for t in docs[20:]]
+    lines[4] = '{"text": broken'
+    bad.write_text("\n".join(lines) + "\n")
+    where = r"b\.jsonl:5: not a JSON"
+    with _loader(tmp_path, tokenizer_dir) as loader, pytest.raises(ShardError, match=where):
+        _take(loader, 100)
+    with _loader(tmp_path, tokenizer_dir, skip_bad=True) as loader:
+        _take(loader, 60)  # more than one epoch
+        assert loader.bad_records.total >= 1
+        assert any("b.jsonl:5" in e for e in loader.bad_records.examples)
+
+
+def test_empty_dir_is_a_clear_error(tmp_path, tokenizer_dir):
+    with pytest.raises(ShardError, match="no shards found"):
+        _loader(tmp_path, tokenizer_dir)
+
+
+def test_corpus_smaller_than_a_block(tmp_path, tokenizer_dir):
+    write_shard(tmp_path / "tiny.jsonl.zst", [{"text": "x = 1"}])
+    with _loader(tmp_path, tokenizer_dir) as loader, pytest.raises(ValueError, match="corpus too small"):
+        next(loader)
+    # A host that owns no document at all is an error too, not an endless loop.
+    with (
+        _loader(tmp_path, tokenizer_dir, process_index=1, process_count=2) as loader,
+        pytest.raises(ShardError, match="no documents for host 1"),
+    ):
+        next(loader)
+
+
+def test_tokenizer_without_eos(tmp_path, corpus):
+    from tokenizers import Tokenizer, models
+
+    no_eos = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    no_eos.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="endoftext"):
+        _loader(corpus[0], tmp_path)
+
+
+def test_import_does_not_need_jax():
+    import subprocess
+    import sys
+
+    code = "import sys, data_processing.loader; assert 'jax' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_fsspec_url_and_glob_read_the_same_stream(corpus, tokenizer_dir):
+    root, _ = corpus
+    with _loader(root, tokenizer_dir) as plain:
+        expected = np.stack(_take(plain, 5))
+    for source in (f"file://{root}", str(root / "shard-*.jsonl.zst")):
+        with _loader(source, tokenizer_dir) as other:
+            np.testing.assert_array_equal(np.stack(_take(other, 5)), expected)
+
+
+def test_host_batches_assemble_into_one_sharded_array(corpus, tokenizer_dir):
+    """What ``train/sharding.py`` does with the host batches: with 2 simulated hosts of 4 devices
+    each, host h's rows land on the data shards of its devices, in process order."""
+    jax = pytest.importorskip("jax")
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    root, _ = corpus
+    hosts = []
+    for host in range(2):
+        with _loader(root, tokenizer_dir, process_index=host, process_count=2) as loader:
+            hosts.append(next(loader))
+    full = global_batch(hosts)
+    devices = np.array(jax.devices()[:8])
+    sharding = NamedSharding(Mesh(devices, ("data",)), PartitionSpec("data"))
+    # In one process the "local" data is the whole global batch; on a pod each host passes its own.
+    array = jax.make_array_from_process_local_data(sharding, full)
+    assert array.shape == (2 * BATCH, BLOCK + 1)
+    for shard in array.addressable_shards:
+        row = shard.index[0].start
+        host, local_row = divmod(row, BATCH)
+        np.testing.assert_array_equal(np.asarray(shard.data)[0], hosts[host][local_row])
+
+
+def test_dead_worker_is_an_error_not_a_hang(corpus, tokenizer_dir):
+    import os
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    with _loader(corpus[0], tokenizer_dir, num_workers=1, prefetch=1) as loader:
+        next(loader)
+        for pid in list(loader._pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool):
+            _take(loader, 200)  # more than what was already tokenized when the worker died
