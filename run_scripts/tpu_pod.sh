@@ -43,7 +43,7 @@ for v in project zone repo; do
 done
 
 run() {  # print (dry run) or run one command
-  if [[ $dry_run == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
+  if [[ $dry_run == 1 ]]; then local line; line=$(printf '%q ' "$@"); echo "${line% }"; else "$@"; fi
 }
 tpu=(gcloud compute tpus tpu-vm)
 where=(--project="$project" --zone="$zone")
