@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,43 @@ def test_local_cpu_dry_run_prints_one_command_per_process():
         assert "XLA_FLAGS=--xla_force_host_platform_device_count=2" in line
         assert "CODENEO_COORDINATOR=127.0.0.1:4321 CODENEO_NUM_PROCESSES=3" in line
         assert f"CODENEO_PROCESS_ID={i} " in line and "-m train --config configs/tiny.yaml" in line
+
+
+# --- bad start-up input: a one-line error naming the key, in bounded time -------------------------
+
+def _main(capsys, monkeypatch, env, *sets):
+    from train.__main__ import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    t0 = time.monotonic()
+    rc = main(["--config", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip()
+    return rc, err, time.monotonic() - t0
+
+
+def test_process_id_out_of_range_fails_at_once(capsys, monkeypatch):
+    rc, err, took = _main(capsys, monkeypatch, {"CODENEO_COORDINATOR": "127.0.0.1:1", "CODENEO_NUM_PROCESSES": "2",
+                                                "CODENEO_PROCESS_ID": "5"})
+    assert rc == 2 and took < 5
+    assert err == "error: mesh.process_id: 5 is out of range for 2 processes (0..1)"
+
+
+def test_unreachable_coordinator_fails_within_timeout(capsys, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc, err, took = _main(capsys, monkeypatch, {"CODENEO_COORDINATOR": f"127.0.0.1:{port}",
+                                                "CODENEO_NUM_PROCESSES": "2", "CODENEO_PROCESS_ID": "1",
+                                                "CODENEO_INIT_TIMEOUT": "3"})
+    assert rc == 2 and took < 30, took
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: mesh.coordinator_address: 127.0.0.1:{port} "
+                                                         "unreachable after 3 s"), err
+
+
+def test_mesh_not_matching_devices_fails(capsys, monkeypatch, tiny_corpus, tmp_path):
+    data, tok = tiny_corpus
+    rc, err, took = _main(capsys, monkeypatch, {}, f"run.output_dir={tmp_path}", f"tokenizer.path={tok}",
+                          "mesh.data=16", "train.batch_size=16")
+    assert rc == 2 and took < 30
+    assert err.startswith("error: mesh: data x fsdp x tensor = 16x1x1 = 16 devices, but 8 are available"), err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -63,6 +64,17 @@ def resolve(cfg: C.Config, device_count: int) -> C.Config:
         cfg = C.replace(cfg, train={"batch_size": C.global_batch_size(cfg, device_count)})
     C.validate_for_devices(cfg, device_count)
     return cfg
+
+
+def next_epoch(loader_states: dict[str, Any]) -> int:
+    """The first epoch no host of a saved run had started: where the data stream restarts when a
+    checkpoint is restored with a different number of processes."""
+    epochs = [int((st.get("docs") or {}).get("epoch", 0)) for st in loader_states.values()]
+    return max(epochs, default=-1) + 1
+
+
+def _epoch_start(epoch: int) -> dict[str, Any]:
+    return {"epoch": epoch, "unit": 0, "line": 0, "line_base": 0, "emitted": 0, "buffer": []}
 
 
 def _make_loaders(cfg: C.Config, batch_per_host: int):
@@ -139,13 +151,17 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
     else:
         state, loader_states, _ = ckpt.restore(start, compiled.abstract_state)
         own = loader_states.get(str(jax.process_index()))
-        if own is None or len(loader_states) != jax.process_count():
-            raise TrainingError(
-                f"{ckpt.directory}/{start}: saved by {len(loader_states)} processes, now {jax.process_count()}; "
-                "the data position cannot be carried over"
-            )
-        loader.restore(own)
-        print(f"[train] resumed from step {start} in {ckpt.directory}", flush=True)
+        if own is not None and len(loader_states) == jax.process_count():
+            loader.restore(own)
+            print(f"[train] resumed from step {start} in {ckpt.directory}", flush=True)
+        else:
+            # A different process count: the model and optimizer state were resharded onto this
+            # mesh by the restore; a host's data position cannot be split or merged, so the data
+            # stream restarts at the start of the epoch after the furthest one any host had reached.
+            epoch = next_epoch(loader_states)
+            loader.restore(loader._make_state(_epoch_start(epoch), 0))
+            print(f"[train] resumed from step {start} in {ckpt.directory} (saved by {len(loader_states)} "
+                  f"processes, now {jax.process_count()}): data restarts at epoch {epoch}", flush=True)
     step = int(state.step)
 
     peak = device_peak_flops(jax.devices()[0])
@@ -199,11 +215,15 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
         ckpt.save(at, state, host_states, meta, force=force)
         last_good_save = at
 
+    # Test hook: CODENEO_DUMP_BATCHES=1 writes this host's batches to RUN/debug_batches_p{i}.npy.
+    dump: list[np.ndarray] | None = [] if os.environ.get("CODENEO_DUMP_BATCHES") == "1" else None
     eval_results: dict[str, float] = {}
     with _StopSignal() as stop:
         try:
             while step < end:
                 host_batch = next(loader)
+                if dump is not None:
+                    dump.append(np.asarray(host_batch))
                 state, metrics = compiled.train_step(state, sharding.global_batch(host_batch, mesh))
                 step += 1
                 pending.append((step, metrics))
@@ -225,6 +245,8 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
             if step != last_good_save:
                 save(step, force=True)
         finally:
+            if dump:
+                np.save(run_dir / f"debug_batches_p{jax.process_index()}.npy", np.stack(dump))
             ckpt.close()
             loader.close()
             writer.close()
