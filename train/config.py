@@ -135,6 +135,7 @@ class MeshConfig:
     coordinator_address: str = ""  # multi-host: host:port of process 0; empty = auto-detect/single
     num_processes: int = 0  # multi-host: number of processes; 0 = auto-detect
     process_id: int = -1  # multi-host: this process; -1 = auto-detect
+    init_timeout_s: int = 300  # multi-host: give up joining the coordinator after this many seconds
 
 
 @dataclass(frozen=True)

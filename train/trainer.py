@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -83,6 +84,17 @@ def resolve(cfg: C.Config, device_count: int) -> C.Config:
     return cfg
 
 
+def next_epoch(loader_states: dict[str, Any]) -> int:
+    """The first epoch no host of a saved run had started: where the data stream restarts when a
+    checkpoint is restored with a different number of processes."""
+    epochs = [int((st.get("docs") or {}).get("epoch", 0)) for st in loader_states.values() if st]
+    return max(epochs, default=-1) + 1
+
+
+def _epoch_start(epoch: int) -> dict[str, Any]:
+    return {"epoch": epoch, "unit": 0, "line": 0, "line_base": 0, "emitted": 0, "buffer": []}
+
+
 def _make_loaders(cfg: C.Config, batch_per_host: int):
     from data_processing.loader import TokenLoader, validation_batches
 
@@ -150,22 +162,28 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = ckpt.latest_step()
     loader_state = None
+    restart_epoch = None
     if start is None:
         state = _initial_state(cfg, compiled)
     else:
         state, loader_states, _ = ckpt.restore(start, compiled.abstract_state)
-        if len(loader_states) != jax.process_count():
-            raise TrainingError(
-                f"{ckpt.directory}/{start}: saved by {len(loader_states)} processes, now {jax.process_count()}; "
-                "the data position cannot be carried over"
-            )
-        loader_state = loader_states[str(jax.process_index())]
-        print(f"[train] resumed from step {start} in {ckpt.directory}", flush=True)
+        if len(loader_states) == jax.process_count():
+            loader_state = loader_states[str(jax.process_index())]  # None: saved before any data was read
+            print(f"[train] resumed from step {start} in {ckpt.directory}", flush=True)
+        else:
+            # A different process count: the model and optimizer state were resharded onto this
+            # mesh by the restore; a host's data position cannot be split or merged, so the data
+            # stream restarts at the start of the epoch after the furthest one any host had reached.
+            restart_epoch = next_epoch(loader_states)
+            print(f"[train] resumed from step {start} in {ckpt.directory} (saved by {len(loader_states)} "
+                  f"processes, now {jax.process_count()}): data restarts at epoch {restart_epoch}", flush=True)
     step = int(state.step)
     # No loader (and no data needed) when there is nothing to train, e.g. max_steps 0 after init_from.
     loader, val_batches = (_make_loaders(cfg, batch_per_host) if step < cfg.train.max_steps else (None, []))
-    if loader is not None and loader_state is not None:  # None: saved before any data was read
+    if loader is not None and loader_state is not None:
         loader.restore(loader_state)
+    elif loader is not None and restart_epoch is not None:
+        loader.restore(loader._make_state(_epoch_start(restart_epoch), 0))
     writer = MetricsWriter(run_dir, cfg, active=is_main)
     best = BestCheckpoint(run_dir, cfg.checkpoint.keep_best) if cfg.checkpoint.keep_best else None
 
@@ -220,11 +238,15 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
         ckpt.save(at, state, host_states, meta, force=force)
         last_good_save = at
 
+    # Test hook: CODENEO_DUMP_BATCHES=1 writes this host's batches to RUN/debug_batches_p{i}.npy.
+    dump: list[np.ndarray] | None = [] if os.environ.get("CODENEO_DUMP_BATCHES") == "1" else None
     eval_results: dict[str, float] = {}
     with _StopSignal() as stop:
         try:
             while step < end:
                 host_batch = next(loader)
+                if dump is not None:
+                    dump.append(np.asarray(host_batch))
                 state, metrics = compiled.train_step(state, sharding.global_batch(host_batch, mesh))
                 step += 1
                 pending.append((step, metrics))
@@ -248,6 +270,8 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
             if step != last_good_save:
                 save(step, force=True)
         finally:
+            if dump:
+                np.save(run_dir / f"debug_batches_p{jax.process_index()}.npy", np.stack(dump))
             ckpt.close()
             if best is not None:
                 best.close()
