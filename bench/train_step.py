@@ -1,0 +1,153 @@
+"""Benchmark the jitted train step (ours) against the Hugging Face Flax GPT-Neo peer on the same batch.
+
+    python bench/train_step.py --config configs/gpt_neo_125m.yaml --set model.vocab_size=50257
+    python bench/train_step.py --quick            # tiny config, a few minutes on 2 CPU cores
+
+The last printed line is one JSON object (see ``main``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from train import config as config_lib  # noqa: E402
+from train import metrics, sharding  # noqa: E402
+from train.step import compile_steps  # noqa: E402
+
+QUICK_OVERRIDES = ["model.vocab_size=4096", "train.batch_size=8", "data.block_size=128", "mesh.data=-1"]
+PEER_VENV = ROOT / "bench" / ".peer-venv"
+PEER_REQUIREMENTS = ["transformers==4.57.*", "jax", "flax", "optax", "numpy"]
+
+
+def time_steps(step, state, batch, steps: int):
+    """Median seconds per step; one host sync per step only to time it (block_until_ready)."""
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, out = step(state, batch)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t)
+    return state, statistics.median(times)
+
+
+def peak_memory_bytes(device) -> tuple[int | None, str]:
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - CPU backends may raise or return None
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host_rss"
+
+
+def run_ours(cfg, batch_np: np.ndarray, steps: int, warmup: int) -> dict:
+    mesh = sharding.make_mesh(cfg)
+    compiled = compile_steps(cfg, mesh)
+    state = compiled.init(jax.random.PRNGKey(cfg.train.seed))
+    batch = sharding.global_batch(batch_np, mesh)
+    t = time.perf_counter()
+    compiled.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    state, _ = time_steps(compiled.train_step, state, batch, warmup)  # also fills jit caches
+    state, step_s = time_steps(compiled.train_step, state, batch, steps)
+    return {"step_time_s": step_s, "compile_time_s": compile_s, "num_devices": mesh.size}
+
+
+def ensure_peer_venv(venv: Path) -> Path:
+    """Create (or reuse) the peer virtual environment; ``.ready`` marks a finished install."""
+    py = venv / "bin" / "python"
+    if not (venv / ".ready").exists():
+        if not py.exists():
+            subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *PEER_REQUIREMENTS], check=True)
+        (venv / ".ready").touch()
+    return py
+
+
+def run_peer(cfg, batch_path: str, steps: int, warmup: int, venv: Path) -> dict:
+    from train.convert import hf_config_dict
+
+    py = ensure_peer_venv(venv)
+    args = {
+        "hf_config": hf_config_dict(cfg.model), "batch": batch_path, "steps": steps, "warmup": warmup,
+        "dtype": cfg.model.compute_dtype, "seed": cfg.train.seed,
+        "lr": cfg.optimizer.learning_rate, "b1": cfg.optimizer.b1, "b2": cfg.optimizer.b2,
+        "eps": cfg.optimizer.eps, "weight_decay": cfg.optimizer.weight_decay, "clip": cfg.optimizer.clip_norm,
+    }
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(py), str(ROOT / "bench" / "peer_step.py"), "--json-args", json.dumps(args)],
+                         check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    p.add_argument("--quick", action="store_true", help="tiny config (configs/tiny.yaml) unless --config is given")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20, --quick 10)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-peer", action="store_true", help="skip the Hugging Face Flax peer")
+    p.add_argument("--peer-venv", default=str(PEER_VENV))
+    a = p.parse_args(argv)
+    config_path = a.config or (str(ROOT / "configs" / "tiny.yaml") if a.quick else None)
+    if config_path is None:
+        p.error("--config is required without --quick")
+    overrides = (QUICK_OVERRIDES if a.quick else []) + a.overrides
+    cfg = config_lib.load(config_path, overrides)
+    steps = a.steps or (10 if a.quick else 20)
+    B, T = cfg.train.batch_size, cfg.data.block_size
+    batch_np = np.random.default_rng(cfg.train.seed).integers(0, cfg.model.vocab_size, (B, T + 1), dtype=np.int32)
+
+    ours = run_ours(cfg, batch_np, steps, a.warmup)
+    device = jax.devices()[0]
+    mem, mem_kind = peak_memory_bytes(device)
+    tokens = B * T
+    tps = tokens / ours["step_time_s"]
+    peak = metrics.device_peak_flops(device)
+    peak_kind = "bf16_spec"
+    if peak is None and device.platform == "cpu":
+        peak, peak_kind = metrics.measured_cpu_peak_flops(), "measured_fp32_matmul"
+    per_dev = tps / ours["num_devices"]
+    mfu = per_dev * metrics.flops_per_token(cfg.model, T) / peak if peak else None
+
+    peer = None
+    if not a.no_peer:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "batch.npy")
+            np.save(path, batch_np)
+            peer = run_peer(cfg, path, steps, a.warmup, Path(a.peer_venv))
+    peer_tps = tokens / peer["step_time_s"] if peer else None
+    result = {
+        "tokens_per_second": tps, "tokens_per_second_per_device": per_dev, "step_time_s": ours["step_time_s"],
+        "compile_time_s": ours["compile_time_s"], "peak_memory_bytes": mem, "peak_memory_kind": mem_kind,
+        "mfu": mfu, "peak_flops_per_device": peak, "peak_flops_kind": peak_kind,
+        "peer_tokens_per_second": peer_tps, "peer_step_time_s": peer["step_time_s"] if peer else None,
+        "peer_compile_time_s": peer["compile_time_s"] if peer else None,
+        "speedup": tps / peer_tps if peer_tps else None,
+        "device": getattr(device, "device_kind", device.platform), "num_devices": ours["num_devices"],
+        "config": config_path, "overrides": overrides, "compute_dtype": cfg.model.compute_dtype,
+        "batch_size": B, "seq_len": T, "steps": steps, "jax_version": jax.__version__,
+        "peer_jax_version": peer["jax_version"] if peer else None,
+        "peer_transformers_version": peer["transformers_version"] if peer else None,
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""bench/train_step.py --quick on CPU: the last line is a JSON object with the documented fields."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = ["tokens_per_second", "tokens_per_second_per_device", "step_time_s", "compile_time_s", "peak_memory_bytes",
+          "mfu", "peer_tokens_per_second", "peer_step_time_s", "speedup", "device", "num_devices", "config",
+          "overrides", "compute_dtype", "batch_size", "seq_len", "jax_version", "peer_jax_version",
+          "peer_transformers_version"]
+
+
+def _run(*extra):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--quick", "--steps", "2", "--warmup", "1",
+           "--set", "model.num_layers=2", "--set", "train.batch_size=4", "--set", "data.block_size=64", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_quick_no_peer_json_line():
+    r = _run("--no-peer")
+    for f in FIELDS:
+        assert f in r, f
+    for f in ["tokens_per_second", "tokens_per_second_per_device", "step_time_s", "compile_time_s",
+              "peak_memory_bytes", "mfu"]:
+        assert isinstance(r[f], (int, float)) and r[f] > 0, (f, r[f])
+    assert r["num_devices"] == 1 and r["batch_size"] == 4 and r["seq_len"] == 64
+    assert r["peer_tokens_per_second"] is None and r["speedup"] is None
+    assert r["device"] and r["compute_dtype"] == "float32"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / "bench" / ".peer-venv" / ".ready").exists(),
+                    reason="peer venv bench/.peer-venv not created (creating it takes minutes)")
+def test_quick_with_peer():
+    r = _run()
+    assert r["peer_tokens_per_second"] > 0 and r["speedup"] > 0
+    assert r["peer_transformers_version"].startswith("4.57")
