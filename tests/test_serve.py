@@ -185,3 +185,24 @@ def test_keystrokes_exact_and_empty_proposer():
     assert res["exact_lines"] == nonempty
     nothing = replay(text, lambda prefix: "")
     assert nothing["keystrokes"] == len(text) and nothing["exact_lines"] == 0
+
+
+def test_interact_loop_multiline_and_settings():
+    from train.interact import run
+
+    lines = iter([":temp 0.5", ":len 7", "def f(x):", "    return", "", ":bogus", ":quit"])
+    seen, out = [], []
+
+    def complete(text, **settings):
+        seen.append((text, dict(settings)))
+        return " x"
+
+    def read(_prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    run(complete, {"temperature": 0.0, "max_new_tokens": 64}, read=read, write=out.append)
+    assert seen == [("def f(x):\n    return\n", {"temperature": 0.5, "max_new_tokens": 7})]
+    assert "def f(x):\n    return\n x" in out and any("unknown command" in o for o in out)
