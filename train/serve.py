@@ -22,6 +22,7 @@ import json
 import queue
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 
@@ -50,6 +51,17 @@ class Job:
     def key(self):
         bucket_n = bucket(self.max_tokens, TOKEN_BUCKETS)
         return (self.temperature, self.top_p, bucket_n, self.seed if self.temperature > 0 else None)
+
+
+def _settle(future: concurrent.futures.Future, result=None, exc: BaseException | None = None) -> None:
+    """Resolve a job's future unless its request already gave up on it (timeout, 429)."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 class Engine:
@@ -91,8 +103,12 @@ class Engine:
             for j in jobs:
                 groups.setdefault(j.key(), []).append(j)
             for key, group in groups.items():
+                group = [j for j in group if not j.future.cancelled()]  # timed out or refused while queued
                 for start in range(0, len(group), self.max_batch):
-                    self._run_batch(key, group[start:start + self.max_batch])
+                    try:
+                        self._run_batch(key, group[start:start + self.max_batch])
+                    except Exception:  # noqa: BLE001 - never let one batch stop the worker
+                        traceback.print_exc()
 
     def _run_batch(self, key, jobs: list[Job]):
         from train.generate import generate_ids
@@ -107,11 +123,11 @@ class Engine:
                                top_p=top_p, seed=jobs[0].seed, eos_id=self.eos)
         except Exception as err:  # noqa: BLE001 - the error goes to the waiting requests
             for j in jobs:
-                j.future.set_exception(err)
+                _settle(j.future, exc=err)
             return
         self.batches += 1
         for j, row in zip(jobs, out, strict=False):
-            j.future.set_result(row[: j.max_tokens])
+            _settle(j.future, row[: j.max_tokens])
 
     def decode(self, ids: list[int]) -> tuple[list[str], bool]:
         """Per-token text pieces (prefix-consistent) and whether EOS ended the row."""
