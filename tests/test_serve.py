@@ -236,3 +236,18 @@ def test_queue_full_429_and_timeout_504_without_model():
         with TestClient(app) as c:
             assert c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 4}).status_code == status
             assert c.get("/health").json()["status"] == "ok"
+
+
+def test_evaluate_completion_cli_on_validation(hf_dir, tiny_corpus, tmp_path, capsys):
+    import json
+
+    from train.evaluate_completion import main
+
+    data_dir, _ = tiny_corpus
+    report = tmp_path / "evaluation.md"
+    assert main(["--hf", str(hf_dir), "--data", str(data_dir / "validation"), "--files", "1", "--max-lines", "8",
+                 "--context-tokens", "24", "--max-new-tokens", "16", "--report", str(report)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["files"] == 1 and 0 < out["proposals"] <= 8 and 0.0 <= out["keystrokes_saved_pct"] <= 100.0
+    assert {"exact_line_pct", "latency_mean_ms", "latency_p95_ms"} <= out.keys()
+    assert report.read_text().count(f"| {hf_dir} | 1 |") == 1

@@ -102,13 +102,20 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="folder of *.jsonl.zst shards (e.g. DATA/validation)")
     parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--context-tokens", type=int, default=None,
+                        help="condition on the last N tokens typed (default: as many as fit)")
+    parser.add_argument("--max-lines", type=int, default=None, help="replay only the first N lines of each file")
     parser.add_argument("--report", default="docs/evaluation.md", help="markdown table a row is appended to")
     args = parser.parse_args(argv)
     from train.generate import load_model
 
     cfg, params, tok = load_model(args.run, args.hf)
-    propose = model_proposer(cfg, params, tok, max_new_tokens=args.max_new_tokens)
-    results = [replay(text, propose) for text in iter_files(args.data, args.files)]
+    propose = model_proposer(cfg, params, tok, max_new_tokens=args.max_new_tokens,
+                             context_tokens=args.context_tokens)
+    texts = iter_files(args.data, args.files)
+    if args.max_lines:
+        texts = ("".join(t.splitlines(keepends=True)[: args.max_lines]) for t in texts)
+    results = [replay(text, propose) for text in texts]
     summary = {"model": args.run or args.hf, **summarize(results)}
     print(json.dumps(summary))
     if args.report:
