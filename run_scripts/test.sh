@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source run_scripts/setup_env.sh
 ruff check .
-python -m pytest -q "$@"
+# Two workers: much of the suite is XLA compilation, which is mostly single-threaded.
+python -m pytest -q -n 2 --durations=15 "$@"
