@@ -159,3 +159,61 @@ def test_humaneval_quick(problems):
 
     out = code_eval.humaneval_quick(fn, n_tasks=3, samples=2, seed=1, problems=problems)
     assert out["humaneval/tasks"] == 3 and out["humaneval/pass@1"] == 0.0 and out["humaneval/pass@2"] == 0.0
+
+
+# ------------------------------------------------------------------ CLI
+
+def test_cli_completions_file(tmp_path, problems, capsys):
+    import json
+
+    from train.evaluate_humaneval import main
+
+    comps = tmp_path / "c.jsonl"
+    with open(comps, "w") as fh:
+        for t in list(problems)[:2]:
+            good = problems[t]["canonical_solution"] + "\nprint('x')"  # truncated before it runs
+            fh.write(json.dumps({"task_id": t, "completion": good}) + "\n")
+            fh.write(json.dumps({"task_id": t, "completion": "    pass\n"}) + "\n")
+    out, docs = tmp_path / "rows.jsonl", tmp_path / "evaluation.md"
+    assert main(["--completions", str(comps), "--out", str(out), "--docs", str(docs)]) == 0
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [r["passed"] for r in rows] == [True, False, True, False]
+    assert "| 2 | 2 |" in capsys.readouterr().out
+    assert "| 0.5000 | 1.0000 |  |  |  |" in docs.read_text()  # pass@1, pass@2; no k > n
+
+
+def test_cli_canonical_limit(tmp_path):
+    from train.evaluate_humaneval import main
+
+    docs = tmp_path / "evaluation.md"
+    assert main(["--canonical", "--limit", "3", "--docs", str(docs)]) == 0
+    assert "| canonical solutions | 3 | 1 |  |  | 1.0000 |" in docs.read_text()
+    assert main(["--canonical", "--limit", "2", "--no-docs", "--docs", str(tmp_path / "none.md")]) == 0
+    assert not (tmp_path / "none.md").exists()
+
+
+def test_cli_model_backend_truncates(tmp_path, problems, monkeypatch):
+    import json
+
+    import train.generate
+    from train.evaluate_humaneval import main
+
+    seen = {}
+
+    def fake_make_completion_fn(**kwargs):
+        seen.update(kwargs)
+
+        def fn(prompts, n):
+            return [problems[t]["canonical_solution"] + "\ndef junk(:\n" for t in list(problems)[:len(prompts)]
+                    for _ in range(n)]
+        return fn
+
+    monkeypatch.setattr(train.generate, "make_completion_fn", fake_make_completion_fn)
+    out = tmp_path / "rows.jsonl"
+    assert main(["--run", "some/run", "--limit", "2", "--samples-per-task", "2", "--temperature", "0.8",
+                 "--top-p", "0.9", "--max-new-tokens", "64", "--out", str(out), "--no-docs"]) == 0
+    assert seen == {"run_dir": "some/run", "hf_dir": None, "temperature": 0.8, "top_p": 0.9,
+                    "max_new_tokens": 64, "seed": 0}
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert len(rows) == 4 and all(r["passed"] for r in rows)
+    assert all("junk" not in r["completion"] for r in rows)
