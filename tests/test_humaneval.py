@@ -99,6 +99,16 @@ def test_fork_is_refused(add_problem):
     assert not passed and result.startswith("failed")
 
 
+@pytest.mark.parametrize("code", ["import posix\n    posix.fork()", "import posix\n    posix.kill(posix.getppid(), 9)",
+                                  "import subprocess\n    subprocess.run(['true'])",
+                                  "import _posixsubprocess", "import ctypes", "import socket\n    socket.socket()",
+                                  "import shutil\n    shutil.rmtree('/nonexistent')"])
+def test_other_escape_hatches_are_refused(add_problem, code):
+    passed, result = run_sample(add_problem, f"    {code}\n    return a + b\n")
+    assert not passed and result.startswith("failed"), result
+    os.kill(os.getpid(), 0)
+
+
 def test_huge_allocation_is_a_memory_error(add_problem):
     passed, result = run_sample(add_problem, "    x = bytearray(10**10)\n    return a + b\n")
     assert (passed, result) == (False, "failed: MemoryError")
@@ -108,7 +118,8 @@ def test_write_outside_sandbox_is_refused(add_problem, tmp_path):
     target = tmp_path / "pwned.txt"
     for code in (f"    open({str(target)!r}, 'w').write('x')\n    return a + b\n",
                  f"    import pathlib\n    pathlib.Path({str(target)!r}).write_text('x')\n    return a + b\n",
-                 f"    import os\n    os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n    return a + b\n"):
+                 f"    import os\n    os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n    return a + b\n",
+                 f"    import _io\n    _io.open({str(target)!r}, 'w').write('x')\n    return a + b\n"):
         passed, result = run_sample(add_problem, code)
         assert not passed and result.startswith("failed"), result
         assert not target.exists()

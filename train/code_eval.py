@@ -134,17 +134,20 @@ def _guarded_os_open(path, flags, *args, **kwargs):
     return _real_os_open(path, flags, *args, **kwargs)
 
 
+import _io, posix  # noqa: E401  (os and io re-export these; patch the originals too)
+
 builtins.open = _guarded_open
-io.open = _guarded_open
-os.open = _guarded_os_open
+io.open = _io.open = _guarded_open
+os.open = posix.open = _guarded_os_open
 
 for _name in ("fork", "forkpty", "kill", "killpg", "system", "popen", "execv", "execve", "execvp",
               "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp",
               "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp",
               "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
               "chmod", "chown", "putenv", "setuid", "setgid"):
-    if hasattr(os, _name):
-        setattr(os, _name, _blocked("os." + _name))
+    for _mod in (os, posix):
+        if hasattr(_mod, _name):
+            setattr(_mod, _name, _blocked("os." + _name))
 
 import shutil, socket, subprocess  # noqa: E401
 
@@ -152,14 +155,16 @@ shutil.rmtree = _blocked("shutil.rmtree")
 shutil.move = _blocked("shutil.move")
 shutil.chown = _blocked("shutil.chown")
 subprocess.Popen = _blocked("subprocess.Popen")
+subprocess._fork_exec = subprocess._posixsubprocess = None
 for _name in ("run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
     setattr(subprocess, _name, _blocked("subprocess." + _name))
 socket.socket = _blocked("socket.socket")
 socket.create_connection = _blocked("socket.create_connection")
-for _name in ("ctypes", "_ctypes", "multiprocessing", "resource", "psutil"):
+for _name in ("ctypes", "_ctypes", "multiprocessing", "_multiprocessing", "_posixsubprocess", "resource",
+              "psutil", "pty", "_socket"):
     sys.modules[_name] = None  # importing them now raises ImportError
 
-del _name
+del _name, _mod
 sys.argv = [_PROGRAM]
 with _real_open(_PROGRAM, encoding="utf-8") as _fh:
     _code = compile(_fh.read(), _PROGRAM, "exec")
