@@ -88,6 +88,18 @@ def test_sandbox_passes_correct_code(add_problem):
     assert run_sample(add_problem, "    return a - b\n") == (False, "failed: AssertionError")
 
 
+def test_resource_limits_apply_in_the_child(add_problem):
+    code = ("    limits = open('/proc/self/limits').read().splitlines()\n"
+            "    row = lambda name: [ln for ln in limits if ln.startswith(name)][0].split()\n"
+            "    assert row('Max address space')[3:5] == ['1073741824', '1073741824'], row('Max address space')\n"
+            "    assert row('Max file size')[3] == '1048576'\n"
+            "    assert row('Max cpu time')[3] == '3'\n"
+            "    import os\n    assert os.getsid(0) == os.getpid()  # own session\n"
+            "    assert os.environ['HOME'] == os.getcwd()\n"
+            "    return a + b\n")
+    assert run_sample(add_problem, code, timeout=2.0) == (True, "passed")
+
+
 def test_infinite_loop_times_out(add_problem):
     t0 = time.monotonic()
     assert run_sample(add_problem, "    while True:\n        pass\n", timeout=1.0) == (False, "timed out")

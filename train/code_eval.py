@@ -20,7 +20,6 @@ import gzip
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -89,9 +88,24 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 # --------------------------------------------------------------------------- sandbox
 
-# Runs before the program, in the same interpreter. argv: guard.py PROGRAM ALLOWED_DIR
+# Runs before the program, in the same interpreter. argv: guard.py PROGRAM ALLOWED_DIR CPU_S AS_BYTES FSIZE_BYTES
+# The resource limits are set here, first thing, rather than in a Popen preexec_fn: preexec_fn runs Python
+# between fork and exec, which can deadlock when the parent is multithreaded (a JAX trainer calling
+# humaneval_quick); without it subprocess uses vfork/posix_spawn and the parent's threads never matter.
 _GUARD = r'''
-import builtins, io, os, sys
+import os, resource, sys
+
+_cpu, _mem, _fsize = (int(x) for x in sys.argv[3:6])
+resource.setrlimit(resource.RLIMIT_CPU, (_cpu, _cpu + 1))
+resource.setrlimit(resource.RLIMIT_AS, (_mem, _mem))
+resource.setrlimit(resource.RLIMIT_FSIZE, (_fsize, _fsize))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+if os.getuid() != 0:  # NPROC counts the whole user and does not bind root
+    resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
+del resource, _cpu, _mem, _fsize
+sys.modules.pop("resource", None)
+
+import builtins, io  # noqa: E401
 
 _ALLOWED = os.path.realpath(sys.argv[2])
 _PROGRAM = sys.argv[1]
@@ -176,20 +190,6 @@ _GIB = 1 << 30
 _MIB = 1 << 20
 
 
-def _limits(timeout: float, memory: int):
-    cpu = int(timeout) + 1
-
-    def apply() -> None:  # runs in the child between fork and exec
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (_MIB, _MIB))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if os.getuid() != 0:  # NPROC counts the whole user and does not bind root
-            resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
-
-    return apply
-
-
 def program_text(problem: dict, completion: str) -> str:
     return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
             + f"check({problem['entry_point']})\n")
@@ -229,9 +229,9 @@ def run_sample(problem: dict, completion: str, timeout: float = 5.0, memory: int
             fh.write(_GUARD)
         env = {"HOME": tmp, "TMPDIR": tmp, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen([sys.executable, "-I", guard, program, tmp], cwd=tmp, env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=_limits(timeout, memory))
+        argv = [sys.executable, "-I", guard, program, tmp, str(int(timeout) + 1), str(memory), str(_MIB)]
+        proc = subprocess.Popen(argv, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -2,7 +2,7 @@
 solutions (a self-check of the harness, which must score pass@1 = 1.0).
 
     python -m train.evaluate_humaneval --run runs/neo-125m --samples-per-task 10 --temperature 0.2
-    python -m train.evaluate_humaneval --hf EleutherAI/gpt-neo-125M --limit 20
+    python -m train.evaluate_humaneval --hf models/gpt-neo-125M --limit 20
     python -m train.evaluate_humaneval --completions samples.jsonl     # {"task_id", "completion"} lines
     python -m train.evaluate_humaneval --canonical
 
