@@ -240,3 +240,33 @@ def test_cli_model_backend_truncates(tmp_path, problems, monkeypatch):
     rows = [json.loads(ln) for ln in out.read_text().splitlines()]
     assert len(rows) == 4 and all(r["passed"] for r in rows)
     assert all("junk" not in r["completion"] for r in rows)
+
+
+@pytest.mark.slow
+def test_cli_with_a_tiny_real_model(tmp_path, tiny_corpus, capsys):
+    """End to end through train.generate.make_completion_fn: random weights, so everything fails,
+    but every sample is generated, truncated, run and counted."""
+    import json
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from train.evaluate_humaneval import main
+
+    _, tok_dir = tiny_corpus
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(tok_dir, hf_dir)
+    torch.manual_seed(0)
+    cfg = GPTNeoConfig(vocab_size=512, hidden_size=32, num_layers=2, num_heads=2, window_size=8,
+                       attention_types=[[["global", "local"], 1]], max_position_embeddings=2048,
+                       bos_token_id=0, eos_token_id=0)
+    GPTNeoForCausalLM(cfg).eval().save_pretrained(hf_dir)
+    out = tmp_path / "rows.jsonl"
+    assert main(["--hf", str(hf_dir), "--limit", "2", "--samples-per-task", "2", "--max-new-tokens", "8",
+                 "--temperature", "1.0", "--out", str(out), "--no-docs"]) == 0
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [(r["task_id"], r["sample"]) for r in rows] == [("HumanEval/0", 0), ("HumanEval/0", 1),
+                                                            ("HumanEval/1", 0), ("HumanEval/1", 1)]
+    assert all(r["completion"] == truncate(r["completion"]) for r in rows)
+    assert "| 2 | 2 |" in capsys.readouterr().out
