@@ -106,6 +106,14 @@ def test_infinite_loop_times_out(add_problem):
     assert time.monotonic() - t0 < 10
 
 
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_endless_output_is_contained(add_problem, stream):
+    code = f"    import sys\n    while True:\n        sys.{stream}.write('x' * 65536)\n"
+    passed, result = run_sample(add_problem, code, timeout=2.0)
+    assert not passed and (result == "timed out" or result.startswith("failed")), result
+    assert len(result) < 60
+
+
 def test_fork_is_refused(add_problem):
     passed, result = run_sample(add_problem, "    import os\n    os.fork()\n    return a + b\n")
     assert not passed and result.startswith("failed")

@@ -209,9 +209,10 @@ def _describe_failure(returncode: int, stderr: str) -> str:
         return f"failed: exit code {returncode}"
     last = lines[-1].strip()
     exc = last.split(":", 1)[0].strip()
-    if exc.isidentifier() or "." in exc:
-        return f"failed: {exc.rsplit('.', 1)[-1]}"
-    return f"failed: {last[:200]}"
+    name = exc.rsplit(".", 1)[-1]
+    if name.isidentifier() and len(exc) <= 100 and "Traceback" in stderr:
+        return f"failed: {name}"
+    return f"failed: exit code {returncode}"
 
 
 def run_sample(problem: dict, completion: str, timeout: float = 5.0, memory: int = _GIB) -> tuple[bool, str]:
@@ -230,18 +231,24 @@ def run_sample(problem: dict, completion: str, timeout: float = 5.0, memory: int
         env = {"HOME": tmp, "TMPDIR": tmp, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
         argv = [sys.executable, "-I", guard, program, tmp, str(int(timeout) + 1), str(memory), str(_MIB)]
-        proc = subprocess.Popen(argv, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        # stdout is discarded and stderr goes to a file capped by RLIMIT_FSIZE, so a sample that prints
+        # without end cannot fill the harness's memory through a pipe.
+        err_path = os.path.join(tmp, "stderr.txt")
+        with open(err_path, "wb") as err_fh:
+            proc = subprocess.Popen(argv, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=err_fh, start_new_session=True)
         try:
-            _, err = proc.communicate(timeout=timeout)
+            proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             _killpg(proc.pid)
             with contextlib.suppress(Exception):
                 proc.communicate(timeout=5)
             return False, "timed out"
-        stderr = err.decode("utf-8", "replace")
         if proc.returncode == 0:
             return True, "passed"
+        with open(err_path, "rb") as fh:
+            fh.seek(max(0, os.path.getsize(err_path) - 4096))
+            stderr = fh.read().decode("utf-8", "replace")
         return False, _describe_failure(proc.returncode, stderr)
     except Exception as err:  # the harness itself must keep going
         return False, f"failed: harness error {type(err).__name__}: {err}"
