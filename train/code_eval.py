@@ -1,7 +1,7 @@
 """HumanEval functional-correctness harness: problems, stop-sequence truncation, a contained
 sandbox for running untrusted completions, and the unbiased pass@k estimator.
 
-Model-generated code is untrusted. Every sample runs in its own interpreter (``python -I``), in a
+Model-generated code is untrusted. Every sample runs in its own interpreter (``python -I -B``), in a
 fresh temporary directory, in its own session (process group), under resource limits (CPU seconds,
 address space, file size, process count where it binds), behind a guard prelude that disables
 process creation/killing, sockets and recursive deletes and refuses writes outside the temporary
@@ -230,7 +230,7 @@ def run_sample(problem: dict, completion: str, timeout: float = 5.0, memory: int
             fh.write(_GUARD)
         env = {"HOME": tmp, "TMPDIR": tmp, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-        argv = [sys.executable, "-I", guard, program, tmp, str(int(timeout) + 1), str(memory), str(_MIB)]
+        argv = [sys.executable, "-I", "-B", guard, program, tmp, str(int(timeout) + 1), str(memory), str(_MIB)]
         # stdout is discarded and stderr goes to a file capped by RLIMIT_FSIZE, so a sample that prints
         # without end cannot fill the harness's memory through a pipe.
         err_path = os.path.join(tmp, "stderr.txt")
