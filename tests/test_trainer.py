@@ -149,3 +149,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_corpus, tmp_path):
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     logged = max(r["step"] for r in read_metrics(run))
     assert steps == [logged] and 3 <= logged < 100000
+
+
+def test_humaneval_every_logs_pass_at_1(tiny_corpus, tmp_path):
+    cfg = _cfg(tiny_corpus, tmp_path / "run", "train.max_steps=2", "train.eval_every=0",
+               "train.humaneval_every=2", "train.humaneval_tasks=3")
+    train(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run") if "humaneval/pass@1" in r]
+    assert [r["step"] for r in rows] == [2]
+    assert rows[0]["humaneval/pass@1"] == 0.0  # an untrained tiny model solves nothing

@@ -125,6 +125,8 @@ class TrainConfig:
     eval_every: int = 1000  # evaluation interval in steps; 0 disables
     log_every: int = 10  # metrics interval in steps
     humaneval_every: int = 0  # HumanEval quick check interval; 0 disables
+    humaneval_tasks: int = 20  # problems sampled (seeded) for each in-training HumanEval check
+    humaneval_samples: int = 1  # completions per problem in that check (pass@k for k <= samples)
 
 
 @dataclass(frozen=True)

@@ -117,14 +117,24 @@ def make_completion_fn(run_dir=None, hf_dir=None, *, temperature: float = 0.0, t
     """A function ``(prompts, n) -> completions`` (n per prompt, generated text only), used by the
     HumanEval harness and the completion server."""
     mcfg, params, tok = load_model(run_dir, hf_dir)
+    return completion_fn_from_params(mcfg, params, tok, temperature=temperature, top_p=top_p, top_k=top_k,
+                                     max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+
+
+def completion_fn_from_params(mcfg: ModelConfig, params, tok, *, temperature: float = 0.0, top_p: float = 1.0,
+                              top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 16):
+    """Like ``make_completion_fn`` over parameters already in memory (used during training).
+    Prompts longer than the model's positions allow are cut from the left."""
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    max_new_tokens = min(max_new_tokens, mcfg.max_position_embeddings // 2)
+    keep = mcfg.max_position_embeddings - max_new_tokens
 
     def complete(prompts: list[str], n: int = 1) -> list[str]:
         jobs = [p for p in prompts for _ in range(n)]
         out: list[str] = []
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
-            ids = [tok.encode(p) for p in chunk]
+            ids = [tok.encode(p)[-keep:] for p in chunk]
             gen = generate_ids(mcfg, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed + start, eos_id=eos)
             out.extend(tok.decode([t for t in g if t != eos]) for g in gen)

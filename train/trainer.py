@@ -261,6 +261,10 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
                               f"perplexity {eval_results['perplexity']:.2f}", flush=True)
                     if best is not None:
                         best.offer(step, eval_results, state, {"step": step, "config": C.to_dict(cfg), **eval_results})
+                if cfg.train.humaneval_every and step % cfg.train.humaneval_every == 0:
+                    flush()
+                    results = humaneval_check(cfg, state.params, step) if is_main else {}
+                    writer.write({"step": step, **results, "tokens": step * tokens_per_step})
                 if step % cfg.train.save_every == 0:
                     save(step)
                 if stop.received:
@@ -314,6 +318,23 @@ def ocp_meta_args():
     import orbax.checkpoint as ocp
 
     return ocp.args.Composite(meta=ocp.args.JsonRestore())
+
+
+def humaneval_check(cfg: C.Config, params, step: int) -> dict[str, float]:
+    """A small seeded HumanEval sample (``train.humaneval_tasks`` x ``train.humaneval_samples``),
+    greedy for one sample, temperature 0.8 for several; run on process 0."""
+    from transformers import AutoTokenizer
+
+    from train.code_eval import humaneval_quick
+    from train.generate import completion_fn_from_params
+
+    samples = cfg.train.humaneval_samples
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer.path)
+    fn = completion_fn_from_params(cfg.model, params, tok, temperature=0.0 if samples == 1 else 0.8,
+                                   top_p=0.95, max_new_tokens=128, seed=step)
+    results = humaneval_quick(fn, n_tasks=cfg.train.humaneval_tasks, samples=samples, seed=cfg.train.seed)
+    print(f"[humaneval] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
+    return results
 
 
 def _initial_state(cfg: C.Config, compiled):
