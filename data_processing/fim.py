@@ -1,0 +1,48 @@
+"""Fill-in-the-middle (Bavarian et al. 2022, "Efficient Training of Language Models to Fill in
+the Middle"): the document-level transformation used in training and the prompt used to infill.
+
+A document is cut at two character positions drawn uniformly into ``prefix, middle, suffix``
+and rearranged with three sentinel tokens so that an ordinary left-to-right model learns to
+write the middle after seeing both sides:
+
+* PSM: ``<|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|> middle <|endoftext|>``
+* SPM (the paper's "variant 2", as in BigCode's training code): ``<|fim_prefix|> <|fim_suffix|>
+  suffix <|fim_middle|> prefix middle <|endoftext|>``; prefix and middle stay contiguous, so a
+  PSM prompt and an SPM prompt both end where the middle starts.
+
+Each piece is tokenized on its own (never across a cut), exactly as the prompt is at inference.
+Only ``numpy`` is imported: worker processes load this module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FIM_PREFIX = "<|fim_prefix|>"
+FIM_SUFFIX = "<|fim_suffix|>"
+FIM_MIDDLE = "<|fim_middle|>"
+FIM_TOKENS = (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)
+
+
+def split_points(n_chars: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Two character positions ``0 <= i <= j <= n_chars``, drawn uniformly and sorted."""
+    i, j = sorted(int(x) for x in rng.integers(0, n_chars + 1, size=2))
+    return i, j
+
+
+def fim_pieces(text: str, rng: np.random.Generator) -> tuple[str, str, str]:
+    """``(prefix, middle, suffix)`` of ``text`` at uniformly drawn character split points."""
+    i, j = split_points(len(text), rng)
+    return text[:i], text[i:j], text[j:]
+
+
+def infill_prompt(prefix: str, suffix: str) -> str:
+    """The PSM prompt for infilling between ``prefix`` and ``suffix``: the model writes the
+    middle after it and ends it with ``<|endoftext|>``."""
+    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
+
+
+def sentinel_ids(tokenizer) -> tuple[int, int, int] | None:
+    """Ids of the three sentinels in a ``tokenizers.Tokenizer``, or None if any is missing."""
+    ids = [tokenizer.token_to_id(t) for t in FIM_TOKENS]
+    return None if any(i is None for i in ids) else (int(ids[0]), int(ids[1]), int(ids[2]))
