@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from data_processing.docstream import EPOCH_END, DocStream
+from data_processing.docstream import EPOCH_END, HOST_SPLITS, DocStream, epoch_start
 from data_processing.packing import (
     DocumentEncoder,
     EncodeOptions,
@@ -105,8 +105,10 @@ class TokenLoader:
 
     ``source``: a shard directory / glob / fsspec URL / list, or an ``HFDatasetSource``.
     ``tokenizer_path``: a folder holding ``tokenizer.json`` (or the file) with ``<|endoftext|>``.
-    Host ``process_index`` of ``process_count`` reads only its own documents (every
-    ``process_count``-th line of the epoch's stream). ``num_workers`` tokenizer processes
+    Host ``process_index`` of ``process_count`` reads only its own documents: ``host_split``
+    ``"shards"`` gives it whole shards of each epoch (``order[i::P]``), ``"lines"`` every
+    ``process_count``-th line of the epoch's stream, ``"auto"`` shards when there are at least
+    as many shards as hosts (see ``docstream``). ``num_workers`` tokenizer processes
     (0: tokenize in the loader thread). ``skip_bad`` counts, logs and skips bad records instead
     of raising ``ShardError``; ``bad_records`` holds the counts. Epochs repeat forever, each with
     a new seeded shard order and shuffle.
@@ -128,12 +130,14 @@ class TokenLoader:
         prefetch: int = 2,
         tokenize_batch: int = 256,
         encode: EncodeOptions | None = None,
+        host_split: str = "auto",
     ):
         if block_size < 1 or batch_size_per_host < 1 or tokenize_batch < 1:
             raise ValueError("block_size, batch_size_per_host and tokenize_batch must be positive")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.source = make_source(source)
+        self.host_split = _resolve_host_split(host_split, len(self.source), process_count)
         self.tokenizer_path = tokenizer_file(tokenizer_path)
         self.encode_options = encode or EncodeOptions()
         if self.encode_options.window not in (0, block_size + 1):
@@ -204,9 +208,25 @@ class TokenLoader:
         for key in ("seed", "process_index", "process_count", "num_units", "encode"):
             if state.get(key, mine[key]) != mine[key]:
                 raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r}")
+        # States saved before the shard-level split existed split by lines. With one host both
+        # splits give the same stream, so only a multi-host state must match.
+        saved_split = state.get("host_split", "lines")
+        if self.process_count > 1 and saved_split != self.host_split:
+            raise ValueError(
+                f"loader state has host_split={saved_split!r} but this loader has {self.host_split!r}: "
+                f"the hosts' documents differ; set data.host_split={saved_split} to resume it"
+            )
         self._shutdown_thread()
         self._state = state
         self._start(state["docs"], int(state["skip"]))
+
+    def restart_at_epoch(self, epoch: int) -> None:
+        """Restart the stream at the first document of ``epoch`` (its seeded shard order and
+        shuffle), dropping anything not yet delivered. For a resume whose saved positions cannot
+        be used, e.g. with a different number of hosts; ``state()`` is resumable afterwards."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.restore(self._make_state(epoch_start(epoch), 0))
 
     def close(self) -> None:
         """Stop the background thread and the worker processes."""
@@ -235,6 +255,7 @@ class TokenLoader:
             "process_index": self.process_index,
             "process_count": self.process_count,
             "num_units": len(self.source),
+            "host_split": self.host_split,
             "encode": dataclasses.asdict(self.encode_options),
             "docs": doc_state,
             "skip": skip,
@@ -308,6 +329,7 @@ class TokenLoader:
                 skip_bad=self.skip_bad,
                 bad=self.bad_records,
                 state=doc_state,
+                host_split=self.host_split,
             )
             window = self.block_size + 1
             chunks = _check_epoch_sizes(
@@ -332,6 +354,21 @@ class TokenLoader:
                 put(("error", err, None))
             except _ClosedError:
                 return
+
+
+def _resolve_host_split(host_split: str, num_units: int, process_count: int) -> str:
+    """``"auto"``: whole shards per host when every host can get one, else lines; one host reads
+    everything either way and is recorded as ``"lines"``."""
+    if host_split == "auto":
+        return "shards" if process_count > 1 and num_units >= process_count else "lines"
+    if host_split not in HOST_SPLITS:
+        raise ValueError(f"host_split: expected auto, {', '.join(HOST_SPLITS)}; got {host_split!r}")
+    if host_split == "shards" and num_units < process_count:
+        raise ValueError(
+            f"host_split='shards' needs at least as many shards as hosts: {num_units} shard(s) for "
+            f"{process_count} hosts (use 'auto' or 'lines')"
+        )
+    return host_split
 
 
 def validation_batches(
