@@ -43,6 +43,7 @@ from data_processing.packing import (
 )
 from data_processing.shards import BadRecordCounter
 from data_processing.sources import HFDatasetSource, ShardSource, make_source
+from data_processing.token_cache import CachedShardSource, TokenCache
 
 __all__ = ["EncodeOptions", "HFDatasetSource", "LoaderState", "ShardSource", "TokenLoader", "validation_batches"]
 
@@ -112,6 +113,11 @@ class TokenLoader:
     (0: tokenize in the loader thread). ``skip_bad`` counts, logs and skips bad records instead
     of raising ``ShardError``; ``bad_records`` holds the counts. Epochs repeat forever, each with
     a new seeded shard order and shuffle.
+
+    ``token_cache``: a folder built by ``python -m data_processing.token_cache`` for these
+    shards and this tokenizer. Documents then come as cached token arrays (same order, state
+    and batches as without it); only fill-in-the-middle documents are tokenized, in the
+    workers, and without FIM no worker process is started at all.
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class TokenLoader:
         tokenize_batch: int = 256,
         encode: EncodeOptions | None = None,
         host_split: str = "auto",
+        token_cache: str | None = None,
     ):
         if block_size < 1 or batch_size_per_host < 1 or tokenize_batch < 1:
             raise ValueError("block_size, batch_size_per_host and tokenize_batch must be positive")
@@ -155,8 +162,19 @@ class TokenLoader:
         self.prefetch = max(1, prefetch)
         self.tokenize_batch = tokenize_batch
         self.bad_records = BadRecordCounter()
+        self._docs_source = self.source
+        self.token_cache = token_cache or None
+        if self.token_cache:
+            if not isinstance(self.source, ShardSource):
+                raise ValueError("data.token_cache: only shard files can be cached, not a datasets stream")
+            cache = TokenCache(self.token_cache, self.tokenizer_path, self.source.paths)
+            # FIM documents are cut from their text, so the shards are read beside the cache then.
+            self._docs_source = CachedShardSource(self.source, cache, with_text=self.encode_options.fim_rate > 0)
         self._pool = None
-        if num_workers > 0:
+        # Cached tokens without FIM leave nothing to tokenize: packing them is cheaper than
+        # sending them to a worker and back.
+        needs_tokenizer = not self.token_cache or self.encode_options.fim_rate > 0
+        if num_workers > 0 and needs_tokenizer:
             # spawn, not fork: the host process usually runs JAX threads, which fork would break.
             ctx = multiprocessing.get_context("spawn")
             self._pool = ctx.Pool(num_workers, initializer=init_worker,
@@ -321,7 +339,7 @@ class TokenLoader:
 
         try:
             docs = DocStream(
-                self.source,
+                self._docs_source,
                 seed=self.seed,
                 shuffle_buffer=self.shuffle_buffer,
                 process_index=self.process_index,

@@ -14,7 +14,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,24 @@ class _ZstdFrames(io.RawIOBase):
         return n
 
 
+class _CountingReader(io.RawIOBase):
+    """Passes reads through and reports how many file bytes were read: the progress of a long
+    read, in the units of the file's size (compressed bytes for a compressed shard)."""
+
+    def __init__(self, raw, report: Callable[[int], None]):
+        self._raw = raw
+        self._report = report
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._raw.readinto(b)
+        if n:
+            self._report(n)
+        return n
+
+
 def _text_stream(path: str, raw) -> io.TextIOBase:
     if path.endswith((".zst", ".zstd")):
         reader = io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 20)
@@ -154,20 +172,25 @@ def _text_stream(path: str, raw) -> io.TextIOBase:
     return io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
 
 
-def iter_lines(path: str | os.PathLike, start_line: int = 0) -> Iterator[tuple[int, str]]:
+def iter_lines(
+    path: str | os.PathLike, start_line: int = 0, progress: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, raw_line)`` (1-based) from a shard, skipping ``start_line`` lines.
 
     A corrupt or truncated stream raises ``ShardError`` naming the file and the line at which
-    reading failed.
+    reading failed. ``progress(n)`` is called with the file bytes read, as they are read.
     """
     path = os.fspath(path)
     lineno = 0
     try:
-        with _open_binary(path) as raw, _text_stream(path, raw) as stream:
-            for lineno, line in enumerate(stream, start=1):  # noqa: B007 (used in except)
-                if lineno <= start_line:
-                    continue
-                yield lineno, line
+        with _open_binary(path) as file:
+            raw = file if progress is None else io.BufferedReader(_CountingReader(file, progress), 1 << 20)
+            stream = _text_stream(path, raw)
+            with stream:
+                for lineno, line in enumerate(stream, start=1):  # noqa: B007 (used in except)
+                    if lineno <= start_line:
+                        continue
+                    yield lineno, line
     except FileNotFoundError as err:
         raise ShardError(f"{path}: file not found") from err
     except (zstandard.ZstdError, OSError, EOFError, UnicodeDecodeError) as err:
