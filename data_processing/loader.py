@@ -4,7 +4,8 @@ Pipeline (one background thread in the host process, plus tokenizer worker proce
 
     DocStream (seeded order, host split, shuffle buffer)      main process, one thread
       -> chunks of ``tokenize_batch`` documents, each tagged with the stream state before it
-      -> tokenized in worker processes, results taken back in submission order
+      -> tokenized in worker processes, results taken back in submission order (with a token
+         cache: token arrays read by position, joined in the loader thread; see token_cache.py)
       -> Packer: EOS-joined token stream cut into [batch, block_size + 1] windows
       -> bounded prefetch queue -> ``next(loader)``
 
@@ -107,9 +108,9 @@ class TokenLoader:
     ``source``: a shard directory / glob / fsspec URL / list, or an ``HFDatasetSource``.
     ``tokenizer_path``: a folder holding ``tokenizer.json`` (or the file) with ``<|endoftext|>``.
     Host ``process_index`` of ``process_count`` reads only its own documents: ``host_split``
-    ``"shards"`` gives it whole shards of each epoch (``order[i::P]``), ``"lines"`` every
-    ``process_count``-th line of the epoch's stream, ``"auto"`` shards when there are at least
-    as many shards as hosts (see ``docstream``). ``num_workers`` tokenizer processes
+    ``"shards"`` gives it whole shards of each epoch (``order[(i + epoch) % P :: P]``),
+    ``"lines"`` every ``process_count``-th line of the epoch's stream, ``"auto"`` shards when
+    there are at least as many shards as hosts (see ``docstream``). ``num_workers`` tokenizer processes
     (0: tokenize in the loader thread). ``skip_bad`` counts, logs and skips bad records instead
     of raising ``ShardError``; ``bad_records`` holds the counts. Epochs repeat forever, each with
     a new seeded shard order and shuffle.
