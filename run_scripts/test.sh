@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 source run_scripts/setup_env.sh
 ruff check .
 # Two workers: much of the suite is XLA compilation, which is mostly single-threaded.
-python -m pytest -q -n 2 --durations=15 "$@"
+# loadgroup: the Spark tests (xdist_group "spark") share one worker, so one JVM runs at a time.
+python -m pytest -q -n 2 --dist loadgroup --durations=15 "$@"
