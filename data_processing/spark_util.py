@@ -61,7 +61,8 @@ def get_session(master: str | None = None, conf: dict[str, str] | None = None, a
     require_spark()
     from pyspark.sql import SparkSession
 
-    if master is None or master.startswith("local"):
+    launching = "PYSPARK_GATEWAY_PORT" not in os.environ  # not under spark-submit: we start the JVM
+    if launching and (master is None or master.startswith("local")):
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         root = str(Path(__file__).resolve().parents[1])
         paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
@@ -73,7 +74,7 @@ def get_session(master: str | None = None, conf: dict[str, str] | None = None, a
     settings = {"spark.sql.execution.arrow.pyspark.enabled": "true"}
     if master and master.startswith("local"):
         # A few shuffle partitions per core: the default 200 costs more than it saves on a laptop.
-        settings["spark.sql.shuffle.partitions"] = "8"
+        settings["spark.sql.shuffle.partitions"] = "4"
     settings.update(conf or {})
     for key, value in settings.items():
         builder = builder.config(key, value)
