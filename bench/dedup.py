@@ -284,7 +284,6 @@ def run_spark(records: list[dict], spark, threshold: float = THRESHOLD) -> tuple
         cluster = [-1] * len(records)
         for r in plan.clusters().collect():
             cluster[r.shard * size + r.idx] = r.cluster
-        plan.records.unpersist()
     return cluster, seconds
 
 

@@ -49,6 +49,7 @@ from data_processing.shards import BadRecordCounter, ShardError, iter_records, l
 from data_processing.spark_util import (
     ZSTD_SKIPPABLE_SEPARATOR,
     HadoopFS,
+    checkpoint,
     glob_escape,
     hidden_to_spark,
     spark_info,
@@ -287,13 +288,11 @@ def _files_frame(spark, names: list[str], uris: list[str]):
     return raw.join(F.broadcast(listing), "path").select("shard", "name", "content")
 
 
-def _materialise(df, storage=None):
-    """Persist ``df`` and compute it now (Spark is lazy; stage timings need eager stages)."""
+def _persist(df):
+    """Cache ``df`` (memory, spilling to disk) once the next action computes it."""
     from pyspark import StorageLevel
 
-    df = df.persist(storage or StorageLevel.MEMORY_AND_DISK)
-    df.count()
-    return df
+    return df.persist(StorageLevel.MEMORY_AND_DISK)
 
 
 def plan_spark(
@@ -318,24 +317,25 @@ def plan_spark(
 
     # Stage 1: signatures, then the survivor order as a number (the rank).
     t = time.perf_counter()
-    signed = _materialise(files.mapInArrow(partial(_sign_files, params=params, skip_bad=skip_bad), SIGN_SCHEMA))
-    errors = signed.where(F.col("error").isNotNull())
-    if not skip_bad:
-        first = errors.where(F.col("fatal")).orderBy("shard").select("error").first()
-        if first is not None:
-            signed.unpersist()
-            raise ShardError(first.error)
-    bad_counts = {r.error: r["count"] for r in errors.groupBy("error").count().collect()}
+    signed = _persist(files.mapInArrow(partial(_sign_files, params=params, skip_bad=skip_bad), SIGN_SCHEMA))
+    # One job builds the cache and gathers the bad records: count per reason, first shard of each.
+    errors = (signed.where(F.col("error").isNotNull()).groupBy("error", "fatal")
+              .agg(F.count("*").alias("n"), F.min("shard").alias("shard")).collect())
+    fatal = sorted((r.shard, r.error) for r in errors if r.fatal)
+    if fatal and not skip_bad:
+        signed.unpersist()
+        raise ShardError(fatal[0][1])
+    bad_counts = {r.error: int(r.n) for r in errors if not r.fatal}
     ranked = (signed.where(F.col("error").isNull()).drop("error", "fatal")
               .orderBy("repo", "file", "shard", "idx")
               # After a global sort the ids grow with the sort order (partition index in the high bits).
               .withColumn("rank", F.monotonically_increasing_id()))
     w_exact = Window.partitionBy("exact")
-    nodes = _materialise(ranked.withColumn("rep", F.min("rank").over(w_exact))
-                         .withColumn("group_size", F.count("*").over(w_exact)))
+    nodes = checkpoint(ranked.withColumn("rep", F.min("rank").over(w_exact))
+                       .withColumn("group_size", F.count("*").over(w_exact)))
     signed.unpersist()
     seconds["signatures"] = time.perf_counter() - t
-    _log(progress, f"signatures + survivor order: {seconds['signatures']:.1f} s")
+    _log(progress, f"signatures: {seconds['signatures']:.1f} s")
 
     # Stage 2: exact duplicates (the window above); aggregate figures only.
     t = time.perf_counter()
@@ -351,7 +351,7 @@ def plan_spark(
     bucket = Window.partitionBy("band", "key")
     exploded = (nodes.where(~dup).select("rank", F.posexplode("bands").alias("band", "key"))
                 .withColumn("members", F.count("*").over(bucket)).where(F.col("members") > 1))
-    exploded = _materialise(exploded)
+    exploded = checkpoint(exploded)
     small = exploded.where(F.col("members") <= minhash.ALL_PAIRS_MAX_MEMBERS).select("band", "key", "rank")
     pairs_small = (small.alias("x").join(small.alias("y"), ["band", "key"])
                    .where(F.col("x.rank") < F.col("y.rank"))
@@ -359,8 +359,7 @@ def plan_spark(
     pairs_big = (exploded.where(F.col("members") > minhash.ALL_PAIRS_MAX_MEMBERS)
                  .withColumn("prev", F.lag("rank").over(bucket.orderBy("rank")))
                  .where(F.col("prev").isNotNull()).select(F.col("prev").alias("a"), F.col("rank").alias("b")))
-    pairs = _materialise(pairs_small.unionByName(pairs_big).distinct())
-    exploded.unpersist()
+    pairs = checkpoint(pairs_small.unionByName(pairs_big).distinct())
     n_pairs = pairs.count()
     seconds["lsh"] = time.perf_counter() - t
     _log(progress, f"{n_pairs} candidate pairs in {seconds['lsh']:.1f} s")
@@ -370,16 +369,14 @@ def plan_spark(
     cand = pairs.select(F.col("a").alias("rank")).unionByName(pairs.select(F.col("b").alias("rank"))).distinct()
     want = (nodes.join(cand, "rank").groupBy("shard")
             .agg(F.collect_list(F.struct("idx", "rank")).alias("want")))
-    sets = _materialise(files.join(want, "shard").mapInArrow(
+    sets = checkpoint(files.join(want, "shard").mapInArrow(
         partial(_shingle_files, k=params.shingle_words), "rank long, shingles binary"))
     n_cand = sets.count()
     joined = (pairs.join(sets.select(F.col("rank").alias("a"), F.col("shingles").alias("sa")), "a")
               .join(sets.select(F.col("rank").alias("b"), F.col("shingles").alias("sb")), "b")
               .select("a", "b", "sa", "sb"))
-    verified = _materialise(joined.mapInArrow(partial(_verify_pairs, threshold=params.threshold), "a long, b long"))
+    verified = checkpoint(joined.mapInArrow(partial(_verify_pairs, threshold=params.threshold), "a long, b long"))
     n_verified = verified.count()
-    sets.unpersist()
-    pairs.unpersist()
     seconds["verify"] = time.perf_counter() - t
     _log(progress, f"{n_verified} of {n_pairs} pairs verified in {seconds['verify']:.1f} s")
 
@@ -387,13 +384,13 @@ def plan_spark(
     t = time.perf_counter()
     from data_processing.spark_components import connected_components
 
-    roots, rounds = connected_components(verified)
-    records = _materialise(
+    roots, rounds = connected_components(verified) if n_verified else (None, 0)
+    if roots is None:  # nothing verified: every exact survivor is its own root
+        roots = spark.createDataFrame([], "node long, root long")
+    records = checkpoint(
         nodes.drop("bands").join(roots.withColumnRenamed("node", "rank"), "rank", "left")
         .withColumn("root", F.coalesce("root", "rank"))
         .withColumn("keep", (F.col("rank") == F.col("rep")) & (F.col("root") == F.col("rank"))))
-    nodes.unpersist()
-    verified.unpersist()
     seconds["clusters"] = time.perf_counter() - t
     _log(progress, f"clusters in {rounds} large/small-star rounds, {seconds['clusters']:.1f} s")
 
@@ -423,12 +420,18 @@ def _report(records, ex, params: DedupParams, bad_counts: dict[str, int], n_shar
 
     survivor = F.col("rank") == F.col("rep")
     near = survivor & (F.col("root") != F.col("rank"))
-    agg = records.agg(F.sum(F.when(near, 1).otherwise(0)).alias("near_files"),
-                      F.sum(F.when(near, F.col("size")).otherwise(0)).alias("near_bytes"),
-                      F.sum(F.when(F.col("keep"), 1).otherwise(0)).alias("out_files"),
-                      F.sum(F.when(F.col("keep"), F.col("size")).otherwise(0)).alias("out_bytes")).first()
+
+    def total(cond, value):
+        return F.sum(F.when(cond, value).otherwise(0))
+
+    # One job for every per-language and overall figure (totals are sums over languages).
+    lang = records.groupBy("lang").agg(
+        total(~survivor, 1).alias("exact_files"), total(~survivor, F.col("size")).alias("exact_bytes"),
+        total(near, 1).alias("near_files"), total(near, F.col("size")).alias("near_bytes"),
+        total(F.col("keep"), 1).alias("out_files"), total(F.col("keep"), F.col("size")).alias("out_bytes")).collect()
+    sums = {k: sum(int(r[k]) for r in lang) for k in ("near_files", "near_bytes", "out_files", "out_bytes")}
     members = records.where(near)
-    sizes = members.groupBy("root").agg((F.count("*") + 1).alias("size"))
+    sizes = members.groupBy("root").agg((F.count("*") + 1).alias("size")).persist()
     histogram = {str(r["size"]): r["count"] for r in sizes.groupBy("size").count().orderBy("size").collect()}
     top = sizes.orderBy(F.desc("size"), "root").limit(10).collect()
     top_roots = [r.root for r in top]
@@ -440,14 +443,11 @@ def _report(records, ex, params: DedupParams, bad_counts: dict[str, int], n_shar
     examples: dict[int, list[tuple[int, str]]] = {}
     for r in first5:
         examples.setdefault(r.root, []).append((r.n, _name(r.repo, r.file)))
+    n_clusters = sum(histogram.values())
+    sizes.unpersist()
     largest = [{"size": r["size"], "survivor": names[r.root],
                 "examples": [name for _, name in sorted(examples.get(r.root, []))]} for r in top]
     by_language: dict[str, dict[str, dict[str, int]]] = {}
-    lang = (records.groupBy("lang").agg(
-        F.sum(F.when(~survivor, 1).otherwise(0)).alias("exact_files"),
-        F.sum(F.when(~survivor, F.col("size")).otherwise(0)).alias("exact_bytes"),
-        F.sum(F.when(near, 1).otherwise(0)).alias("near_files"),
-        F.sum(F.when(near, F.col("size")).otherwise(0)).alias("near_bytes")).collect())
     for r in lang:
         for stage in ("exact", "near"):
             if r[f"{stage}_files"]:
@@ -462,13 +462,13 @@ def _report(records, ex, params: DedupParams, bad_counts: dict[str, int], n_shar
             **near_counts,
             # The local engine streams sets and counts the most it holds; Spark spreads them over tasks.
             "peak_shingle_sets_in_memory": None,
-            "clusters": int(sizes.count()),
-            "removed_files": int(agg.near_files or 0),
-            "removed_bytes": int(agg.near_bytes or 0),
+            "clusters": int(n_clusters),
+            "removed_files": sums["near_files"],
+            "removed_bytes": sums["near_bytes"],
             "cluster_size_histogram": histogram,
             "largest_clusters": largest,
         },
-        "output": {"files": int(agg.out_files or 0), "bytes": int(agg.out_bytes or 0)},
+        "output": {"files": sums["out_files"], "bytes": sums["out_bytes"]},
         "removed_by_language": dict(sorted(by_language.items())),
         "params": {**asdict(params), "p_candidate_at_threshold":
                    minhash.candidate_probability(params.threshold, params.bands, params.rows)},
@@ -575,5 +575,4 @@ def run(source: str, output: str, params: DedupParams, *, master: str | None = N
     plan = plan_spark(spark, source, params, skip_bad=skip_bad, progress=progress)
     plan.report["spark"]["startup_seconds"] = startup
     write_spark(plan, output, progress=progress, started=t0)
-    plan.records.unpersist()
     return plan.report

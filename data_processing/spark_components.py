@@ -13,7 +13,8 @@ survivor, exactly the root the local engine's union-find picks.
 Alternating the two converges in O(log^2 n) rounds (usually a handful). The loop stops when the
 edges form a star forest whose centres are never children and whose children have one centre
 each; that graph is a fixed point of both steps. Each round is checkpointed so the query plan
-does not grow with the number of rounds.
+does not grow with the number of rounds (``spark.sparkContext.setCheckpointDir`` makes it a
+reliable checkpoint).
 
 GraphFrames does the same but its jar is not on PyPI, so this stays within plain PySpark.
 """
@@ -21,6 +22,8 @@ GraphFrames does the same but its jar is not on PyPI, so this stays within plain
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from data_processing.spark_util import checkpoint
 
 
 def _large_star(edges):
@@ -44,12 +47,14 @@ def _small_star(edges):
 
 
 def _is_star_forest(edges) -> bool:
+    """One job: no node is both a child and a centre, and no child has two centres."""
     from pyspark.sql import functions as F
 
-    centres = edges.select(F.col("m").alias("v")).distinct()
-    if edges.join(centres, "v", "left_semi").limit(1).count():
-        return False  # a centre is still someone's child
-    return not edges.groupBy("v").count().where(F.col("count") > 1).limit(1).count()
+    roles = edges.select(F.col("v").alias("node"), F.lit(1).alias("child"), F.lit(0).alias("centre")).unionByName(
+        edges.select(F.col("m").alias("node"), F.lit(0).alias("child"), F.lit(1).alias("centre")))
+    per_node = roles.groupBy("node").agg(F.sum("child").alias("parents"), F.max("centre").alias("centre"))
+    bad = per_node.where((F.col("parents") > 1) | ((F.col("parents") > 0) & (F.col("centre") > 0)))
+    return not bad.limit(1).count()
 
 
 def connected_components(edges, max_rounds: int = 64, on_round: Callable[[int], None] | None = None):
@@ -62,13 +67,12 @@ def connected_components(edges, max_rounds: int = 64, on_round: Callable[[int], 
     from pyspark.sql import functions as F
 
     cur = (edges.where(F.col("a") != F.col("b"))
-           .select(F.greatest("a", "b").alias("v"), F.least("a", "b").alias("m")).distinct()
-           .localCheckpoint())
+           .select(F.greatest("a", "b").alias("v"), F.least("a", "b").alias("m")).distinct())
     rounds = 0
     while not _is_star_forest(cur):
         if rounds >= max_rounds:
             raise RuntimeError(f"connected components did not converge in {max_rounds} rounds")
-        cur = _small_star(_large_star(cur)).localCheckpoint()
+        cur = checkpoint(_small_star(_large_star(cur)))
         rounds += 1
         if on_round is not None:
             on_round(rounds)

@@ -103,7 +103,6 @@ def test_same_records_clusters_and_report_as_local_engine(spark, tmp_path):
         assert (out / name).read_bytes()[:-8] == (tmp_path / "local" / name).read_bytes()
     assert comparable(json.loads((out / "dedup_report.json").read_text())) == comparable(local.report)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    plan.records.unpersist()
 
 
 def real_code(limit: int = 90):
