@@ -1,9 +1,14 @@
 """Sampling with a KV cache: ``python -m train.generate --run RUN_DIR --prompt TEXT``.
 
-The whole generation (prefill + ``max_new_tokens`` decode steps in a ``fori_loop``) is one
-compiled function per (prompt bucket, length, top_k): no recompilation per token or per prompt
-of a similar length. Prompts of different lengths in one batch are left-padded; pad positions
-are negative and masked out of attention.
+Decoding runs in compiled *segments* of ``SEGMENT_TOKENS`` tokens (``SegmentDecoder``): one
+compiled prefill per (batch, prompt bucket, cache length) and one compiled segment per (batch,
+cache length, top_k), with the KV cache, last logits and positions carried between segments.
+Between segments the caller sees the new tokens (the server streams them) and may finish rows
+(stop strings, a client gone); a batch stops as soon as every row has hit EOS, its own token
+limit or been finished, so short completions cost a few segments, not ``max_new_tokens`` steps.
+The sample at step ``i`` uses ``fold_in(PRNGKey(seed), i)`` whatever the segment boundaries, so
+seeded samples and greedy results do not depend on where a batch stops. Prompts of different
+lengths in one batch are left-padded; pad positions are negative and masked out of attention.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from train import model as M
 from train.config import ModelConfig
 
 PROMPT_BUCKET = 32
+SEGMENT_TOKENS = 16  # decode steps per compiled segment: the streaming granularity
 
 
 def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature, top_k: int, top_p) -> jax.Array:
@@ -43,52 +49,150 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature, top_k: int,
     return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k"))
-def _generate(params, ids_BT, pos_BT, rng, temperature, top_p, *, cfg: ModelConfig, max_new_tokens: int,
-              top_k: int):
-    B, T = ids_BT.shape
-    cache = M.init_cache(cfg, params, B, T + max_new_tokens)
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
+def _prefill(params, ids_BT, pos_BT, *, cfg: ModelConfig, max_len: int):
+    """A KV cache of ``max_len`` slots holding the prompts, the logits after their last token and
+    the next position of each row."""
+    cache = M.init_cache(cfg, params, ids_BT.shape[0], max_len)
     logits_BTV, cache = M.decode_step(cfg, params, cache, ids_BT, pos_BT)
-    next_pos_B = pos_BT[:, -1] + 1
-    out_BN = jnp.zeros((B, max_new_tokens), jnp.int32)
+    return logits_BTV[:, -1], cache, pos_BT[:, -1] + 1
 
-    def body(i, carry):
-        logits_BV, cache, out_BN, pos_B = carry
+
+# The cache and logits are donated: each segment updates them in place instead of copying the
+# whole cache once per segment.
+@functools.partial(jax.jit, static_argnames=("cfg", "top_k", "n_tokens"), donate_argnames=("logits_BV", "cache"))
+def _segment(params, logits_BV, cache, pos_B, done_B, limit_B, step, rng, temperature, top_p, eos_id, *,
+             cfg: ModelConfig, top_k: int, n_tokens: int):
+    """Up to ``n_tokens`` decode steps, the first being global step ``step``. A row is done after
+    sampling ``eos_id`` or its ``limit_B``-th token; the loop ends early when every row is done.
+    Returns (logits, cache, tokens [B, n_tokens], positions, number of steps run)."""
+    out_BN = jnp.zeros((logits_BV.shape[0], n_tokens), jnp.int32)
+
+    def cond(carry):
+        j, _, _, _, _, done_B = carry
+        return (j < n_tokens) & ~jnp.all(done_B)
+
+    def body(carry):
+        j, logits_BV, cache, out_BN, pos_B, done_B = carry
+        i = step + j
+        # The key depends only on the global step, not on the segment: same samples whatever
+        # the segment size or where a batch stopped.
         token_B = sample_logits(logits_BV, jax.random.fold_in(rng, i), temperature, top_k, top_p)
-        out_BN = out_BN.at[:, i].set(token_B)
+        out_BN = out_BN.at[:, j].set(token_B)
+        done_B = done_B | (token_B == eos_id) | (i + 1 >= limit_B)
         logits_B1V, cache = M.decode_step(cfg, params, cache, token_B[:, None], pos_B[:, None])
-        return logits_B1V[:, 0], cache, out_BN, pos_B + 1
+        return j + 1, logits_B1V[:, 0], cache, out_BN, pos_B + 1, done_B
 
-    _, _, out_BN, _ = jax.lax.fori_loop(0, max_new_tokens, body, (logits_BTV[:, -1], cache, out_BN, next_pos_B))
-    return out_BN
+    j, logits_BV, cache, out_BN, pos_B, _ = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), logits_BV, cache, out_BN, pos_B, done_B))
+    return logits_BV, cache, out_BN, pos_B, j
+
+
+class SegmentDecoder:
+    """Incremental KV-cache decoding of one batch of prompts, ``segment_tokens`` tokens per call.
+
+    ``tokens[b]`` holds what row ``b`` generated so far, cut after EOS and at its limit
+    (``row_limits[b]``, at most ``max_new_tokens``; 0 makes a dummy row that is done from the
+    start). ``step()`` runs one compiled segment and returns what each row gained;
+    ``finish(b)`` ends a row early (a stop string was seen, nobody waits for it). Once every row
+    is done (``finished``) nothing more runs. Shapes depend on the batch size, the prompt bucket
+    and ``max_new_tokens`` only, so no per-request recompilation.
+    """
+
+    def __init__(self, cfg: ModelConfig, params, prompts: list[list[int]], *, max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 eos_id: int | None = None, row_limits: list[int] | None = None,
+                 segment_tokens: int = SEGMENT_TOKENS):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompt: every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens: must be at least 1")
+        longest = max(len(p) for p in prompts)
+        limit = cfg.max_position_embeddings
+        if longest + max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens: prompt ({longest} tokens) + {max_new_tokens} new tokens exceed the "
+                             f"model's {limit} positions")
+        if row_limits is not None and len(row_limits) != len(prompts):
+            raise ValueError(f"row_limits: {len(row_limits)} limits for {len(prompts)} prompts")
+        T = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+        ids = np.zeros((len(prompts), T), np.int32)
+        pos = np.full((len(prompts), T), -1, np.int32)
+        for b, p in enumerate(prompts):
+            ids[b, T - len(p):] = p
+            pos[b, T - len(p):] = np.arange(len(p))
+        self.cfg, self.params = cfg, params
+        self.eos_id = eos_id
+        self.limits = [max_new_tokens if row_limits is None else max(0, min(int(n), max_new_tokens))
+                       for n in (row_limits or prompts)]
+        self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.done = [n == 0 for n in self.limits]
+        self.segments = 0  # compiled segments run so far
+        self.steps = 0  # decode steps run so far (the global step index of the next one)
+        self._segment_tokens = int(segment_tokens)
+        self._top_k = int(top_k)
+        self._rng = jax.random.PRNGKey(seed)
+        self._temperature, self._top_p = jnp.float32(temperature), jnp.float32(top_p)
+        self._eos = jnp.int32(-1 if eos_id is None else eos_id)  # -1: no token ends a row
+        self._limit_B = jnp.asarray(self.limits, jnp.int32)
+        # The cache has exactly prompt bucket + max_new_tokens slots, as the one-call decoder had:
+        # the same shapes give the same greedy results bit for bit.
+        self._logits_BV, self._cache, self._pos_B = _prefill(params, jnp.asarray(ids), jnp.asarray(pos), cfg=cfg,
+                                                             max_len=T + max_new_tokens)
+
+    @property
+    def finished(self) -> bool:
+        """True once every row is done (EOS, its limit, or ``finish``)."""
+        return all(self.done)
+
+    def finish(self, row: int, keep: int | None = None) -> None:
+        """End ``row`` now; with ``keep``, also drop its tokens after the first ``keep``."""
+        self.done[row] = True
+        if keep is not None:
+            del self.tokens[row][keep:]
+
+    def step(self) -> list[list[int]]:
+        """Run one segment; the ids each row gained (empty for rows already done)."""
+        if self.finished:
+            return [[] for _ in self.tokens]
+        self._logits_BV, self._cache, out_BN, self._pos_B, n = _segment(
+            self.params, self._logits_BV, self._cache, self._pos_B, jnp.asarray(self.done), self._limit_B,
+            jnp.int32(self.steps), self._rng, self._temperature, self._top_p, self._eos, cfg=self.cfg,
+            top_k=self._top_k, n_tokens=self._segment_tokens)
+        n = int(n)
+        gained = []
+        for b, row in enumerate(np.asarray(out_BN)[:, :n].tolist()):
+            if self.done[b]:
+                gained.append([])
+                continue
+            row = row[: self.limits[b] - len(self.tokens[b])]
+            if self.eos_id is not None and self.eos_id in row:
+                row = row[: row.index(self.eos_id) + 1]
+                self.done[b] = True
+            self.tokens[b].extend(row)
+            if len(self.tokens[b]) >= self.limits[b]:
+                self.done[b] = True
+            gained.append(row)
+        self.steps += n
+        self.segments += 1
+        return gained
 
 
 def generate_ids(cfg: ModelConfig, params, prompts: list[list[int]], *, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  eos_id: int | None = None) -> list[list[int]]:
-    """Generated token ids for each prompt (prompt excluded, cut after the first EOS)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompt: every prompt needs at least one token")
-    longest = max(len(p) for p in prompts)
-    limit = cfg.max_position_embeddings
-    if longest + max_new_tokens > limit:
-        raise ValueError(f"max_new_tokens: prompt ({longest} tokens) + {max_new_tokens} new tokens exceed the "
-                         f"model's {limit} positions")
-    T = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
-    ids = np.zeros((len(prompts), T), np.int32)
-    pos = np.full((len(prompts), T), -1, np.int32)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = p
-        pos[b, T - len(p):] = np.arange(len(p))
-    out = _generate(params, jnp.asarray(ids), jnp.asarray(pos), jax.random.PRNGKey(seed),
-                    jnp.float32(temperature), jnp.float32(top_p), cfg=cfg, max_new_tokens=max_new_tokens,
-                    top_k=int(top_k))
-    result = []
-    for row in np.asarray(out).tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id) + 1]
-        result.append(row)
-    return result
+    """Generated token ids for each prompt (prompt excluded, cut after the first EOS). Stops as
+    soon as every row has produced EOS."""
+    dec = SegmentDecoder(cfg, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id)
+    while not dec.finished:
+        dec.step()
+    return dec.tokens
+
+
+def decode_text(tok, ids: list[int], eos_id: int | None = None) -> str:
+    """Text of generated ids, EOS dropped. Never "cleans up" spaces before punctuation (which
+    would change code, and would make a streamed prefix differ from the final text)."""
+    return tok.decode([t for t in ids if t != eos_id], clean_up_tokenization_spaces=False)
 
 
 def load_model(run_dir: str | None = None, hf_dir: str | None = None, step: int | None = None):
@@ -137,7 +241,7 @@ def completion_fn_from_params(mcfg: ModelConfig, params, tok, *, temperature: fl
             ids = [tok.encode(p)[-keep:] for p in chunk]
             gen = generate_ids(mcfg, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed + start, eos_id=eos)
-            out.extend(tok.decode([t for t in g if t != eos]) for g in gen)
+            out.extend(decode_text(tok, g, eos) for g in gen)
         return out
 
     return complete
@@ -165,8 +269,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    text = tok.decode([t for t in gen if t != eos])
-    print(args.prompt + text)
+    print(args.prompt + decode_text(tok, gen, eos))
     if Path("/dev/stderr").exists():
         print(f"[generate] {len(gen)} new tokens: {gen}", file=sys.stderr)
     return 0
