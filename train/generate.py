@@ -1,4 +1,4 @@
-"""Sampling with a KV cache: ``python -m train.generate --run RUN_DIR --prompt TEXT``.
+"""Sampling with a KV cache: ``python -m train.generate --run RUN_DIR --prompt TEXT [--suffix TEXT]``.
 
 Decoding runs in compiled *segments* of ``SEGMENT_TOKENS`` tokens (``SegmentDecoder``): one
 compiled prefill per (batch, prompt bucket, cache length) and one compiled segment per (batch,
@@ -9,6 +9,9 @@ limit or been finished, so short completions cost a few segments, not ``max_new_
 The sample at step ``i`` uses ``fold_in(PRNGKey(seed), i)`` whatever the segment boundaries, so
 seeded samples and greedy results do not depend on where a batch stops. Prompts of different
 lengths in one batch are left-padded; pad positions are negative and masked out of attention.
+
+``--suffix`` asks a model trained with fill-in-the-middle (its tokenizer has the sentinels of
+``data_processing/fim.py``) for the text between ``--prompt`` and ``--suffix``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_processing.fim import FIM_TOKENS, infill_prompt, sentinel_ids
 from train import model as M
 from train.config import ModelConfig
 
@@ -80,7 +84,10 @@ def _segment(params, logits_BV, cache, pos_B, done_B, limit_B, step, rng, temper
         token_B = sample_logits(logits_BV, jax.random.fold_in(rng, i), temperature, top_k, top_p)
         out_BN = out_BN.at[:, j].set(token_B)
         done_B = done_B | (token_B == eos_id) | (i + 1 >= limit_B)
-        logits_B1V, cache = M.decode_step(cfg, params, cache, token_B[:, None], pos_B[:, None])
+        # Rows already done keep stepping with the batch (their tokens are dropped); clamping keeps
+        # those discarded steps inside the position table. Live rows never reach the clamp.
+        in_pos_B = jnp.minimum(pos_B, cfg.max_position_embeddings - 1)
+        logits_B1V, cache = M.decode_step(cfg, params, cache, token_B[:, None], in_pos_B[:, None])
         return j + 1, logits_B1V[:, 0], cache, out_BN, pos_B + 1, done_B
 
     j, logits_BV, cache, out_BN, pos_B, _ = jax.lax.while_loop(
@@ -107,13 +114,19 @@ class SegmentDecoder:
             raise ValueError("prompt: every prompt needs at least one token")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens: must be at least 1")
-        longest = max(len(p) for p in prompts)
-        limit = cfg.max_position_embeddings
-        if longest + max_new_tokens > limit:
-            raise ValueError(f"max_new_tokens: prompt ({longest} tokens) + {max_new_tokens} new tokens exceed the "
-                             f"model's {limit} positions")
-        if row_limits is not None and len(row_limits) != len(prompts):
+        if row_limits is None:
+            row_limits = [max_new_tokens] * len(prompts)
+        if len(row_limits) != len(prompts):
             raise ValueError(f"row_limits: {len(row_limits)} limits for {len(prompts)} prompts")
+        self.limits = [max(0, min(int(n), max_new_tokens)) for n in row_limits]
+        positions = cfg.max_position_embeddings
+        # Each row needs its own prompt + limit positions; the cache only needs slots (a short
+        # prompt may take more new tokens than the batch's longest one).
+        worst = max(range(len(prompts)), key=lambda b: len(prompts[b]) + self.limits[b])
+        if len(prompts[worst]) + self.limits[worst] > positions:
+            raise ValueError(f"max_new_tokens: prompt ({len(prompts[worst])} tokens) + {self.limits[worst]} new "
+                             f"tokens exceed the model's {positions} positions")
+        longest = max(len(p) for p in prompts)
         T = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
         ids = np.zeros((len(prompts), T), np.int32)
         pos = np.full((len(prompts), T), -1, np.int32)
@@ -122,8 +135,6 @@ class SegmentDecoder:
             pos[b, T - len(p):] = np.arange(len(p))
         self.cfg, self.params = cfg, params
         self.eos_id = eos_id
-        self.limits = [max_new_tokens if row_limits is None else max(0, min(int(n), max_new_tokens))
-                       for n in (row_limits or prompts)]
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.done = [n == 0 for n in self.limits]
         self.segments = 0  # compiled segments run so far
@@ -187,6 +198,30 @@ def generate_ids(cfg: ModelConfig, params, prompts: list[list[int]], *, max_new_
     while not dec.finished:
         dec.step()
     return dec.tokens
+
+
+NOT_FIM = ("this model was not trained with fill-in-the-middle (its tokenizer lacks the sentinel tokens "
+           + ", ".join(FIM_TOKENS) + ")")
+
+
+def fim_sentinels(tok, cfg: ModelConfig | None = None) -> tuple[int, int, int] | None:
+    """Ids of the fill-in-the-middle sentinels when the tokenizer has all three (and, given
+    ``cfg``, the model's vocabulary covers them): a model trained with FIM. Else None."""
+    ids = sentinel_ids(getattr(tok, "backend_tokenizer", tok))
+    if ids is None or (cfg is not None and max(ids) >= cfg.vocab_size):
+        return None
+    return ids
+
+
+def encode_prompt(tok, prompt: str, suffix: str | None = None, cfg: ModelConfig | None = None) -> list[int]:
+    """Token ids to feed the model: the prompt's, or with ``suffix`` the fill-in-the-middle
+    prompt ``<|fim_prefix|>prompt<|fim_suffix|>suffix<|fim_middle|>`` (the model then writes the
+    middle). Raises ValueError starting with ``suffix:`` when the model has no FIM sentinels."""
+    if suffix is None:
+        return tok.encode(prompt)
+    if fim_sentinels(tok, cfg) is None:
+        raise ValueError(f"suffix: {NOT_FIM}")
+    return tok.encode(infill_prompt(prompt, suffix))
 
 
 def decode_text(tok, ids: list[int], eos_id: int | None = None) -> str:
@@ -253,7 +288,9 @@ def main(argv=None) -> int:
     src.add_argument("--run", help="run directory (latest checkpoint unless --step)")
     src.add_argument("--hf", help="Hugging Face GPT-Neo / GPT-2 folder")
     parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", required=True, help="text to complete (with --suffix: the text before the gap)")
+    parser.add_argument("--suffix", default=None,
+                        help="text after the gap: fill in the middle (models trained with FIM only)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=0)
@@ -263,13 +300,16 @@ def main(argv=None) -> int:
     try:
         mcfg, params, tok = load_model(args.run, args.hf, args.step)
         eos = tok.convert_tokens_to_ids("<|endoftext|>")
-        ids = tok.encode(args.prompt)
+        if args.suffix is not None and fim_sentinels(tok, mcfg) is None:
+            raise ValueError(f"--suffix: {NOT_FIM}")
+        ids = encode_prompt(tok, args.prompt, args.suffix, mcfg)
         gen = generate_ids(mcfg, params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos)[0]
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(args.prompt + decode_text(tok, gen, eos))
+    # With --suffix the model wrote the middle: print the whole filled-in text.
+    print(args.prompt + decode_text(tok, gen, eos) + (args.suffix or ""))
     if Path("/dev/stderr").exists():
         print(f"[generate] {len(gen)} new tokens: {gen}", file=sys.stderr)
     return 0
