@@ -313,6 +313,12 @@ def test_engine_hands_out_text_while_decoding(fim_app):
     assert done.tokens > 2 * SEGMENT_TOKENS and "".join(t for _, t in seen) == done.text
     # The first text left the worker after the first segment, then after each later one.
     assert [k for k, _ in seen][:3] == [1, 2, 3]
+    # A request given up after its first text (client gone) stops costing segments.
+    start = engine.segments
+    gone = Job(job.ids, 64, 0.0, 1.0, 0, on_text=lambda _text: gone.future.cancel())
+    engine.submit(gone)
+    assert engine.submit(Job(job.ids, 16, 0.0, 1.0, 0)).result(timeout=120).tokens == 16  # runs after it
+    assert gone.future.cancelled() and engine.segments - start == 1 + 1
 
 
 def test_generate_cli_suffix(fim_hf_dir, hf_dir, capsys, monkeypatch):

@@ -42,6 +42,7 @@ TOKEN_BUCKETS = (16, 64, 256)
 
 
 def bucket(n: int, buckets) -> int:
+    """The smallest bucket that holds ``n`` (``n`` itself beyond the largest)."""
     for b in buckets:
         if n <= b:
             return b
@@ -222,15 +223,17 @@ class Engine:
                                           max_new_tokens=n_tokens, temperature=temperature, top_p=top_p,
                                           seed=jobs[0].seed, eos_id=self.eos,
                                           row_limits=[j.max_tokens for j in jobs] + [0] * pad)
-            while not dec.finished:
+            while True:
+                for b, (job, row) in enumerate(zip(jobs, rows, strict=True)):
+                    if row.result is None and job.future.cancelled():  # client gone, timed out: no more steps
+                        dec.finish(b)
+                        row.result = Completion(row.sent, "cancelled", len(row.ids))
+                if dec.finished:
+                    break
                 gained = dec.step()
                 self.segments += 1
                 for b, (job, row) in enumerate(zip(jobs, rows, strict=True)):
                     if row.result is not None:
-                        continue
-                    if job.future.cancelled():  # client gone or timed out: stop spending steps on it
-                        dec.finish(b)
-                        row.result = Completion(row.sent, "cancelled", len(row.ids))
                         continue
                     delta = row.feed(gained[b], dec.done[b])
                     if delta and job.on_text is not None:
