@@ -54,12 +54,14 @@ def hf_dir(tiny_corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fim_hf_dir(tiny_corpus, tmp_path_factory):
     """The tiny model with a tokenizer extended by the three FIM sentinels (special tokens
-    512-514; the model's 520-row vocabulary covers them). Untrained: its middles mean nothing."""
+    512-514) and the Python control code (515); the model's 520-row vocabulary covers them.
+    Untrained: its middles mean nothing."""
     from transformers import AutoTokenizer
 
     _, tok_dir = tiny_corpus
     tok = AutoTokenizer.from_pretrained(tok_dir)
     assert tok.add_tokens(list(FIM_TOKENS), special_tokens=True) == 3
+    assert tok.add_tokens(["<|python|>"], special_tokens=True) == 1  # a control code, id 515
     d = tmp_path_factory.mktemp("fim")
     _tiny_neo(d, tok.convert_tokens_to_ids("<|endoftext|>"), vocab_size=520)
     tok.save_pretrained(d)
@@ -338,6 +340,35 @@ def test_generate_cli_suffix(fim_hf_dir, hf_dir, capsys, monkeypatch):
     assert capsys.readouterr().out == prefix + middle + suffix + "\n"
     assert generate.main(["--hf", str(hf_dir), *args]) == 2
     assert "--suffix: this model was not trained with fill-in-the-middle" in capsys.readouterr().err
+
+
+def test_language_control_code_leads_the_prompt(fim_hf_dir, fim_app, capsys, monkeypatch):
+    from train import generate
+
+    fed = []
+    real = generate.generate_ids
+    monkeypatch.setattr(generate, "generate_ids", lambda cfg, params, prompts, **kw: fed.append(prompts) or real(
+        cfg, params, prompts, **kw))
+    _, _, tok = generate.load_model(hf_dir=str(fim_hf_dir))
+    args = ["--hf", str(fim_hf_dir), "--prompt", "import os\n", "--temperature", "0", "--max-new-tokens", "4"]
+    assert generate.main([*args, "--language", "Python"]) == 0
+    assert fed[-1] == [[515, *tok.encode("import os\n")]]
+    assert generate.main([*args, "--language", "python", "--suffix", "\n"]) == 0
+    assert fed[-1] == [[515, *tok.encode(infill_prompt("import os\n", "\n"))]]  # code first, as in training
+    capsys.readouterr()
+    assert generate.main([*args, "--language", "Rust"]) == 2
+    assert "language: this model has no control code <|rust|>" in capsys.readouterr().err
+
+    client, _ = fim_app
+    ok = client.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 4, "temperature": 0,
+                                              "language": "python"})
+    assert ok.status_code == 200
+    plain = tok.encode("<|python|>x = ")
+    assert ok.json()["choices"][0]["text"] == generate.decode_text(
+        tok, real(*generate.load_model(hf_dir=str(fim_hf_dir))[:2], [plain], max_new_tokens=4,
+                  eos_id=tok.eos_token_id)[0], tok.eos_token_id)
+    bad = client.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 4, "language": "Rust"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "language"
 
 
 def test_row_text_holds_back_incomplete_characters_and_stop_prefixes():

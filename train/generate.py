@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_processing.fim import FIM_TOKENS, infill_prompt, sentinel_ids
+from data_processing.packing import control_token
 from train import model as M
 from train.config import ModelConfig
 
@@ -214,15 +215,24 @@ def fim_sentinels(tok, cfg: ModelConfig | None = None) -> tuple[int, int, int] |
     return ids
 
 
-def encode_prompt(tok, prompt: str, suffix: str | None = None, cfg: ModelConfig | None = None) -> list[int]:
+def encode_prompt(tok, prompt: str, suffix: str | None = None, cfg: ModelConfig | None = None,
+                  language: str | None = None) -> list[int]:
     """Token ids to feed the model: the prompt's, or with ``suffix`` the fill-in-the-middle
     prompt ``<|fim_prefix|>prompt<|fim_suffix|>suffix<|fim_middle|>`` (the model then writes the
-    middle). Raises ValueError starting with ``suffix:`` when the model has no FIM sentinels."""
+    middle); with ``language``, that language's control code first, as in training with
+    ``data.control_codes``. Raises ValueError starting with ``suffix:`` when the model has no
+    FIM sentinels, ``language:`` when it has no control code for the language."""
+    head = ""
+    if language is not None:
+        head = control_token(language)
+        code = tok.convert_tokens_to_ids(head)
+        if code is None or code == tok.unk_token_id or head not in tok.get_vocab():
+            raise ValueError(f"language: this model has no control code {head} (train with data.control_codes)")
     if suffix is None:
-        return tok.encode(prompt)
+        return tok.encode(head + prompt)
     if fim_sentinels(tok, cfg) is None:
         raise ValueError(f"suffix: {NOT_FIM}")
-    return tok.encode(infill_prompt(prompt, suffix))
+    return tok.encode(head + infill_prompt(prompt, suffix))
 
 
 def decode_text(tok, ids: list[int], eos_id: int | None = None) -> str:
@@ -292,6 +302,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", required=True, help="text to complete (with --suffix: the text before the gap)")
     parser.add_argument("--suffix", default=None,
                         help="text after the gap: fill in the middle (models trained with FIM only)")
+    parser.add_argument("--language", default=None,
+                        help="prepend this language's control code (models trained with data.control_codes)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=0)
@@ -303,7 +315,7 @@ def main(argv=None) -> int:
         eos = tok.convert_tokens_to_ids("<|endoftext|>")
         if args.suffix is not None and fim_sentinels(tok, mcfg) is None:
             raise ValueError(f"--suffix: {NOT_FIM}")
-        ids = encode_prompt(tok, args.prompt, args.suffix, mcfg)
+        ids = encode_prompt(tok, args.prompt, args.suffix, mcfg, language=args.language)
         gen = generate_ids(mcfg, params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos)[0]
     except (ValueError, FileNotFoundError) as err:

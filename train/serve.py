@@ -260,6 +260,7 @@ class CompletionRequest(BaseModel):
     n: int = 1
     stream: bool = False
     seed: int | None = None
+    language: str | None = None  # not OpenAI's: the control code to prepend (data.control_codes models)
 
 
 def create_app(engine: Engine, *, model_name: str = "codeneo", api_key: str | None = None,
@@ -330,7 +331,11 @@ def create_app(engine: Engine, *, model_name: str = "codeneo", api_key: str | No
             return error(400, "stop: at most 4 stop strings", "stop")
         encoded = []
         for p in prompts:
-            ids = encode_prompt(engine.tok, p, suffix, engine.cfg) if p or suffix is not None else []
+            try:
+                ids = encode_prompt(engine.tok, p, suffix, engine.cfg, language=req.language) \
+                    if p or suffix is not None else []
+            except ValueError as err:
+                return error(400, str(err), "language")
             if not ids:
                 ids = [engine.eos] if engine.eos is not None else []
             if not ids:
