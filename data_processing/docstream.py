@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 
 from data_processing.shards import BadRecordCounter, ShardError
+from data_processing.sources import Document
 
 EPOCH_END = object()  # returned once by ``next_doc`` after the last document of each epoch
 _RAND_BLOCK = 1024
 
 
 class DocStream:
-    """Yields document texts in the seeded, host-split, shuffled order; see module docstring."""
+    """Yields ``Document``s in the seeded, host-split, shuffled order; see module docstring."""
 
     def __init__(
         self,
@@ -67,7 +68,7 @@ class DocStream:
         self.emitted = int(state["emitted"])
         self._order = self._unit_order(self.epoch)
         self._reader_done = self.unit >= len(self._order)
-        self.buffer: list[tuple[tuple[int, int], str]] = self._reload_buffer(
+        self.buffer: list[tuple[tuple[int, int], Document]] = self._reload_buffer(
             [(int(u), int(ln)) for u, ln in state["buffer"]]
         )
 
@@ -96,21 +97,26 @@ class DocStream:
         # Lines are 1-based; the epoch-global index is 0-based so host 0 gets the first document.
         return lambda line: (line_base + line - 1) % count == index
 
-    def _reload_buffer(self, positions: list[tuple[int, int]]) -> list[tuple[tuple[int, int], str]]:
-        """Re-read the texts at ``positions`` (grouped per unit, one forward pass each)."""
+    def _placed(self, unit: int, line: int, doc: Document) -> Document:
+        """``doc`` with its key: the epoch, the source's own unit index (not the epoch's shuffled
+        position) and the line, which identify the document within the run."""
+        return doc._replace(key=(self.epoch, self._order[unit], line))
+
+    def _reload_buffer(self, positions: list[tuple[int, int]]) -> list[tuple[tuple[int, int], Document]]:
+        """Re-read the documents at ``positions`` (grouped per unit, one forward pass each)."""
         if not positions:
             return []
         wanted: dict[int, set[int]] = {}
         for unit, line in positions:
             wanted.setdefault(unit, set()).add(line)
-        texts: dict[tuple[int, int], str] = {}
+        texts: dict[tuple[int, int], Document] = {}
         for unit, lines in wanted.items():
             last = max(lines)
-            for line, text in self.source.iter_unit(
+            for line, doc in self.source.iter_unit(
                 self._order[unit], start_line=min(lines) - 1, owned=lines.__contains__, skip_bad=True
             ):
-                if text is not None:
-                    texts[(unit, line)] = text
+                if doc is not None:
+                    texts[(unit, line)] = self._placed(unit, line, doc)
                 if line >= last:
                     break
         missing = [p for p in positions if p not in texts]
@@ -122,7 +128,7 @@ class DocStream:
             )
         return [(p, texts[p]) for p in positions]
 
-    def _read_one(self) -> tuple[tuple[int, int], str] | None:
+    def _read_one(self) -> tuple[tuple[int, int], Document] | None:
         """Next owned document of this epoch with its position, or None at the epoch's end."""
         while True:
             if self._lines is None:
@@ -136,7 +142,7 @@ class DocStream:
                     bad=self.bad,
                 )
             try:
-                line, text = next(self._lines)
+                line, doc = next(self._lines)
             except StopIteration:
                 self._lines = None
                 self.line_base += self.line
@@ -144,8 +150,8 @@ class DocStream:
                 self.line = 0
                 continue
             self.line = line
-            if text is not None:
-                return (self.unit, line), text
+            if doc is not None:
+                return (self.unit, line), self._placed(self.unit, line, doc)
 
     def _rand_index(self, n: int) -> int:
         block, offset = divmod(self.emitted, _RAND_BLOCK)
@@ -157,14 +163,14 @@ class DocStream:
         self.emitted += 1
         return min(int(self._rand[offset] * n), n - 1)
 
-    def _pop_random(self) -> str:
+    def _pop_random(self) -> Document:
         j = self._rand_index(len(self.buffer))
         # Swap-remove keeps the pop O(1); the buffer order stays a pure function of the state.
         self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
         return self.buffer.pop()[1]
 
     def next_doc(self):
-        """The next document text, or ``EPOCH_END`` once after each epoch.
+        """The next ``Document``, or ``EPOCH_END`` once after each epoch.
 
         Raises ``ShardError`` if a whole epoch holds no document for this host (which would
         otherwise loop forever) and ``StopIteration`` after ``max_epochs`` epochs.

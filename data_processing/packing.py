@@ -1,9 +1,12 @@
 """Tokenize documents in batches and pack them into fixed windows with no padding.
 
-Every document is followed by ``<|endoftext|>``; the token stream of all documents is cut into
-consecutive windows of ``block_size + 1`` tokens (inputs ``[:-1]``, labels ``[1:]``), so no
-token is padding and a document may straddle two windows. Only ``numpy`` and ``tokenizers``
-are imported here because this module is what worker processes load.
+Every document is followed by ``<|endoftext|>`` (and optionally preceded by its language's
+control code, or rearranged for fill-in-the-middle). By default the token stream of all
+documents is cut into consecutive windows of ``block_size + 1`` tokens (inputs ``[:-1]``,
+labels ``[1:]``), so no token is padding and a document may straddle two windows; with
+sliding-window packing each document is cut into its own windows instead (padded with -1,
+which the loss ignores). Only ``numpy`` and ``tokenizers`` are imported here because this
+module is what worker processes load.
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from data_processing.fim import FIM_TOKENS, fim_pieces, sentinel_ids
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -40,34 +46,151 @@ def load_tokenizer(tokenizer_path: str | os.PathLike):
     return tokenizer, int(eos_id)
 
 
-def tokenize_texts(tokenizer, eos_id: int, texts: list[str]) -> np.ndarray:
-    """Token ids of ``texts`` concatenated, each document followed by ``eos_id`` (int32)."""
-    if not texts:
-        return np.zeros(0, dtype=np.int32)
-    # encode_batch_fast skips offset tracking, which we never use; Rust threads do the work.
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    encodings = encode(texts, add_special_tokens=False)
-    ids: list[int] = []
-    for encoding in encodings:
-        ids.extend(encoding.ids)
-        ids.append(eos_id)
-    return np.asarray(ids, dtype=np.int32)
+def control_token(language: str) -> str:
+    """The control-code token of a language: ``<|python|>``, ``<|c++|>``, ..."""
+    return f"<|{language.lower()}|>"
 
 
-# Worker-process side: each worker loads the tokenizer once, by path (picklable, no big state).
-_worker: tuple[Any, int] | None = None
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How documents become tokens (picklable: sent once to every worker process).
+
+    Defaults give the plain stream: each document's tokens followed by ``<|endoftext|>``."""
+
+    control_codes: bool = False  # prepend the document language's control token
+    fim_rate: float = 0.0  # fraction of documents rearranged for fill-in-the-middle
+    fim_spm_rate: float = 0.0  # of those, the fraction in SPM rather than PSM order
+    window: int = 0  # > 0: cut each document into windows of this many tokens, padded with -1
+    stride: int = 0  # start-to-start distance of consecutive windows (with ``window``)
+    seed: int = 0  # seeds the per-document fill-in-the-middle draws (with each document's key)
+
+    def __post_init__(self):
+        for name in ("fim_rate", "fim_spm_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.{name}: expected a fraction in [0, 1], got {value}")
+        if self.window and not 0 < self.stride < self.window:
+            raise ValueError(f"data.window_stride: expected 1..{self.window - 1} tokens, got {self.stride}")
 
 
-def init_worker(tokenizer_path: str) -> None:
+def cut_windows(ids: np.ndarray, window: int, stride: int) -> np.ndarray:
+    """Windows ``[k, window]`` of one document's tokens, the Autocoder way: starts ``0, stride,
+    2*stride, ...`` while a window still fits, plus one window ending at the last token so that
+    every token is in some window; a document shorter than one window is padded with -1 (no
+    loss). With ``stride = window - 1`` every label token is predicted once (but in the last)."""
+    n = len(ids)
+    if n <= window:
+        out = np.full((1, window), -1, np.int32)
+        out[0, :n] = ids
+        return out
+    starts = list(range(0, n - window, stride)) + [n - window]
+    return np.stack([ids[s : s + window] for s in starts]).astype(np.int32)
+
+
+class DocumentEncoder:
+    """Turns ``Document``s into one flat int32 token array, per ``EncodeOptions``.
+
+    Per document: ``[control code] body <|endoftext|>``, where the body is the tokenized text or,
+    for the documents drawn for fill-in-the-middle, its rearrangement (``data_processing.fim``).
+    The draw for a document uses a generator keyed by ``(seed, document key)``, so it does not
+    depend on batching, workers or restarts. With ``window`` the result is the concatenation
+    of each document's padded windows (a multiple of ``window`` long)."""
+
+    def __init__(self, tokenizer_path: str | os.PathLike, options: EncodeOptions | None = None):
+        self.options = options or EncodeOptions()
+        self.tokenizer, self.eos_id = load_tokenizer(tokenizer_path)
+        self.path = tokenizer_file(tokenizer_path)
+        # encode_batch_fast skips offset tracking, which we never use; Rust threads do the work.
+        self._encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        self._control: dict[str, int] = {}
+        self.sentinels = None
+        if self.options.fim_rate > 0:
+            self.sentinels = sentinel_ids(self.tokenizer)
+            if self.sentinels is None:
+                raise ValueError(
+                    f"data.fim_rate: {self.path} lacks the fill-in-the-middle tokens {list(FIM_TOKENS)}"
+                )
+
+    def control_id(self, doc) -> int:
+        """Id of ``doc``'s control token; ``ValueError`` naming what is missing."""
+        language = doc.language
+        if language is None:
+            raise ValueError(f"data.control_codes: document {doc.key} has no meta.language")
+        found = self._control.get(language)
+        if found is None:
+            found = self.tokenizer.token_to_id(control_token(language))
+            if found is None:
+                raise ValueError(
+                    f"data.control_codes: {self.path} has no token {control_token(language)!r} "
+                    f"for language {language!r}"
+                )
+            self._control[language] = found
+        return found
+
+    def _fim_draw(self, doc) -> tuple[bool, np.random.Generator | None]:
+        o = self.options
+        if o.fim_rate <= 0:
+            return False, None
+        rng = np.random.default_rng([o.seed, *doc.key, 7])
+        return bool(rng.random() < o.fim_rate), rng
+
+    def encode(self, docs: list) -> np.ndarray:
+        """Token ids of ``docs`` concatenated (see the class docstring)."""
+        if not docs:
+            return np.zeros(0, dtype=np.int32)
+        o = self.options
+        if not (o.control_codes or o.fim_rate > 0 or o.window):
+            # The plain stream, kept to one batched call and one flat list: the hot path.
+            ids: list[int] = []
+            for encoding in self._encode([d.text for d in docs], add_special_tokens=False):
+                ids.extend(encoding.ids)
+                ids.append(self.eos_id)
+            return np.asarray(ids, dtype=np.int32)
+        # Every text piece of the chunk goes through one batched call; plans say how to join them.
+        pieces: list[str] = []
+        plans: list[tuple[int, int, bool]] = []  # (first piece, piece count, spm)
+        for doc in docs:
+            fim, rng = self._fim_draw(doc)
+            if fim:
+                prefix, middle, suffix = fim_pieces(doc.text, rng)
+                plans.append((len(pieces), 3, bool(rng.random() < o.fim_spm_rate)))
+                pieces.extend((prefix, middle, suffix))
+            else:
+                plans.append((len(pieces), 1, False))
+                pieces.append(doc.text)
+        encoded = [e.ids for e in self._encode(pieces, add_special_tokens=False)]
+        out: list[np.ndarray] = []
+        for doc, (first, count, spm) in zip(docs, plans, strict=True):
+            row: list[int] = [self.control_id(doc)] if o.control_codes else []
+            if count == 1:
+                row += encoded[first]
+            else:
+                pre, suf, mid = self.sentinels
+                prefix, middle, suffix = encoded[first : first + 3]
+                if spm:
+                    row += [pre, suf, *suffix, mid, *prefix, *middle]
+                else:
+                    row += [pre, *prefix, suf, *suffix, mid, *middle]
+            row.append(self.eos_id)
+            ids_doc = np.asarray(row, dtype=np.int32)
+            out.append(cut_windows(ids_doc, o.window, o.stride).reshape(-1) if o.window else ids_doc)
+        return np.concatenate(out)
+
+
+# Worker-process side: each worker builds its encoder once, by path (picklable, no big state).
+_worker: DocumentEncoder | None = None
+
+
+def init_worker(tokenizer_path: str, options: EncodeOptions | None = None) -> None:
     """``multiprocessing`` initializer: load the tokenizer into this worker process."""
     global _worker
-    _worker = load_tokenizer(tokenizer_path)
+    _worker = DocumentEncoder(tokenizer_path, options)
 
 
-def worker_tokenize(texts: list[str]) -> np.ndarray:
-    """Tokenize one chunk in a worker process (after ``init_worker``)."""
+def worker_encode(docs: list) -> np.ndarray:
+    """Encode one chunk of documents in a worker process (after ``init_worker``)."""
     assert _worker is not None, "init_worker was not called"
-    return tokenize_texts(_worker[0], _worker[1], texts)
+    return _worker.encode(docs)
 
 
 class Packer:

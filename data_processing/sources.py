@@ -3,7 +3,7 @@
 A source is a sequence of *units* (a shard file, or the whole HF stream) and each unit is a
 sequence of numbered lines (1-based). The loader addresses a document by ``(unit, line)``,
 which is what makes its state small: it can re-read any document by position instead of
-storing text. ``iter_unit`` yields ``(line, text_or_None)`` for every line so the caller can
+storing text. ``iter_unit`` yields ``(line, Document | None)`` for every line so the caller can
 track its position; ``None`` stands for a line that is blank, bad (and skipped) or owned by
 another host. Ownership is decided *before* parsing so that hosts skip the JSON work for the
 documents they do not own.
@@ -15,12 +15,32 @@ import glob
 import logging
 import os
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from data_processing.shards import BadRecordCounter, ShardError, iter_lines, list_shards, parse_record
 
 logger = logging.getLogger(__name__)
 
 Owned = Callable[[int], bool]
+
+
+class Document(NamedTuple):
+    """One document as the loader sees it: its text, its language (``meta.language``; used for
+    control codes) and ``key``, its position ``(epoch, unit, line)`` once the document stream
+    has placed it (seeds per-document randomness such as fill-in-the-middle, so that it is the
+    same after a restore)."""
+
+    text: str
+    language: str | None = None
+    key: tuple[int, ...] = ()
+
+
+def _language(record: dict) -> str | None:
+    meta = record.get("meta")
+    language = meta.get("language") if isinstance(meta, dict) else None
+    if language is None:
+        language = record.get("language")
+    return language if isinstance(language, str) else None
 
 
 def _always(_line: int) -> bool:
@@ -53,8 +73,8 @@ class ShardSource:
         owned: Owned = _always,
         skip_bad: bool = False,
         bad: BadRecordCounter | None = None,
-    ) -> Iterator[tuple[int, str | None]]:
-        """Yield ``(line, text)`` for lines after ``start_line``; ``text`` is None for lines
+    ) -> Iterator[tuple[int, Document | None]]:
+        """Yield ``(line, document)`` for lines after ``start_line``; the document is None for lines
         that are not ``owned``, blank, or bad and skipped. Bad lines raise ``ShardError``
         naming file:line unless ``skip_bad``."""
         path = self.paths[unit]
@@ -75,14 +95,14 @@ class ShardSource:
                 continue
             where = f"{path}:{lineno}"
             try:
-                text = parse_record(line, where)["text"]
+                record = parse_record(line, where)
             except ShardError as err:
                 if not skip_bad:
                     raise
                 _count_bad(bad, str(err)[len(where) + 2 :], where)
                 yield lineno, None
                 continue
-            yield lineno, text
+            yield lineno, Document(record["text"], _language(record))
 
 
 # Builders of ``load_dataset`` that read local or remote files the caller names; anything else
@@ -156,8 +176,8 @@ class HFDatasetSource:
         owned: Owned = _always,
         skip_bad: bool = False,
         bad: BadRecordCounter | None = None,
-    ) -> Iterator[tuple[int, str | None]]:
-        """Yield ``(index, text)`` (1-based) for examples after ``start_line``."""
+    ) -> Iterator[tuple[int, Document | None]]:
+        """Yield ``(index, document)`` (1-based) for examples after ``start_line``."""
         ds = self._dataset()
         if start_line:
             ds = ds.skip(start_line)
@@ -175,7 +195,7 @@ class HFDatasetSource:
                 _count_bad(bad, message, where)
                 yield index, None
                 continue
-            yield index, text
+            yield index, Document(text, _language(example))
 
 
 def _count_bad(bad: BadRecordCounter | None, reason: str, where: str) -> None:

@@ -78,8 +78,18 @@ def test_plan_add_and_rerun():
         plan_added_tokens(tok, [" " + spaced[1:]])
     # ... except runs of whitespace, whose byte-level entries never match indentation.
     assert "ĠĠ" in tok.get_vocab() and plan_added_tokens(small_tokenizer(400), ["  "]) == ["  "]
-    with pytest.raises(AddTokensError, match="already exists as special token"):
+    with pytest.raises(AddTokensError, match="already exists as a special added token, id 399"):
         plan_added_tokens(tok, [EOS_TOKEN])
+    # Markers (control codes, FIM sentinels) are special: skipped when present as special,
+    # refused when present as ordinary text tokens, and dropped by skip_special_tokens.
+    assert plan_added_tokens(tok, [EOS_TOKEN, "<|python|>"], special=True) == ["<|python|>"]
+    with pytest.raises(AddTokensError, match="already exists as an ordinary added token"):
+        plan_added_tokens(tok, [FOUR], special=True)
+    (marker,) = add_to_tokenizer(tok, ["<|python|>"], special=True)
+    assert marker == old + 4 and "<|python|>" in tok.all_special_tokens
+    ids = tok.encode("<|python|>" + FOUR + "x")
+    assert ids[:2] == [marker, tok.convert_tokens_to_ids(FOUR)]
+    assert tok.decode(ids, skip_special_tokens=True) == FOUR + "x"
     with pytest.raises(AddTokensError, match="listed twice"):
         plan_added_tokens(tok, ["\t\t\t", "\t\t\t"])
 
@@ -140,7 +150,9 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     src = tmp_path / "tok"
     small_tokenizer(400).save_pretrained(str(src))
     assert main(["--checkpoint", str(tmp_path / "run")]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --checkpoint {tmp_path / 'run'}: no config.yaml "
+                   "(expected a run directory of python -m train)")
     assert main(["--tokenizer", str(src), "--tokens", '["  ", "\\t"]']) == 2
     err = capsys.readouterr().err.strip()
     assert (
@@ -252,3 +264,68 @@ def test_hf_gpt_neo_folder_roundtrip(tmp_path, capsys, dtype_name, legacy, tied)
     assert "nothing to add" in capsys.readouterr().out
     assert main(["--hf-model", str(src), "--tokenizer", str(out), "--out", str(tmp_path / "bad")]) == 2
     assert "vocab_size 400 < 404 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_checkpoint_grows_embedding_and_optimizer_and_training_continues(tiny_corpus, tmp_path, capsys):
+    """--checkpoint RUN: tokenizer + config + latest checkpoint grow together (512 -> 516 tokens,
+    512 -> 640 padded rows); old rows exact, new rows = tab row, new optimizer moments zero,
+    logits of text without the new tokens unchanged; training continues from the new run."""
+    import os
+    import subprocess
+    import sys
+
+    import jax
+    import jax.numpy as jnp
+
+    from train import step
+    from train.trainer import restore_state
+
+    data, tok_dir = tiny_corpus
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "WANDB_MODE": "disabled"}
+    common = ["--set", f"data.train_dir={data / 'train'}", "--set", f"data.validation_dir={data / 'validation'}",
+              "--set", "train.eval_every=0", "--set", "train.batch_size=4", "--set", "data.block_size=32",
+              "--set", "train.save_every=2", "--set", "logging.wandb_mode=disabled"]
+    run, grown = tmp_path / "run", tmp_path / "grown"
+
+    def train(config, *extra):
+        proc = subprocess.run([sys.executable, "-m", "train", "--config", str(config), *common, *extra],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    train("configs/tiny.yaml", "--set", f"tokenizer.path={tok_dir}", "--set", f"run.output_dir={run}",
+          "--set", "train.max_steps=2")
+    assert main(["--checkpoint", str(run), "--out", str(grown)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("added ") == 4 and "continue with: python -m train" in printed
+
+    cfg0, s0, _, _ = restore_state(run)
+    cfg1, s1, loaders1, meta1 = restore_state(grown)
+    assert (cfg0.model.vocab_size, cfg1.model.vocab_size) == (512, 516) and int(meta1["step"]) == 2
+    assert cfg1.tokenizer.path == str(grown / "tokenizer") and cfg1.run.output_dir == str(grown)
+    assert loaders1 == restore_state(run)[2]
+    tok = load_tokenizer(grown / "tokenizer")
+    assert tok.encode(FOUR + "x", add_special_tokens=False)[0] == tok.convert_tokens_to_ids(FOUR)
+    tab = tab_token_id(tok)
+    w0, w1 = np.asarray(s0.params["wte"]), np.asarray(s1.params["wte"])
+    assert w0.shape[0] == 512 and w1.shape[0] == 640
+    np.testing.assert_array_equal(bits(w1[:512]), bits(w0[:512]))
+    np.testing.assert_array_equal(w1[512:516], np.broadcast_to(w0[tab], (4, w0.shape[1])))
+    assert not w1[516:].any()
+    moments = [np.asarray(x) for x in jax.tree_util.tree_leaves(s1.opt_state) if np.shape(x)[:1] == (640,)]
+    assert len(moments) == 2, "expected Adam's two moments of the embedding"
+    for moment in moments:
+        assert not moment[512:].any()
+
+    text = "def f(x):\n\treturn x + 1\n"
+    ids = jnp.asarray([tok.encode(text, add_special_tokens=False)])
+    before = step.next_token_logits(s0.params, ids, cfg=cfg0.model)
+    after = step.next_token_logits(s1.params, ids, cfg=cfg1.model)
+    np.testing.assert_allclose(np.asarray(after)[..., :512], np.asarray(before), rtol=1e-5, atol=1e-5)
+
+    assert main(["--checkpoint", str(grown)]) == 0
+    assert "nothing to add" in capsys.readouterr().out
+    out = train(grown / "config.yaml", "--set", "train.max_steps=4")
+    assert "resumed from step 2" in out
+    assert restore_state(grown)[3]["step"] == 4

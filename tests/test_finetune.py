@@ -6,14 +6,13 @@ gives back the same family with bit-identical weights."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers import tiny_hf_gpt2, tiny_hf_gpt_neo
+from tests.helpers import hf_folder, tiny_hf_gpt2, tiny_hf_gpt_neo
 
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "HF_HUB_OFFLINE": "1",
        "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu"}
@@ -30,10 +29,7 @@ def _run(*args):
 def test_init_from_generate_and_export_contract(tiny_corpus, tmp_path, make_hf):
     _, tok_dir = tiny_corpus
     hf = make_hf(vocab_size=512)
-    hf_dir = tmp_path / "hf"
-    hf.save_pretrained(hf_dir)
-    for f in tok_dir.iterdir():
-        shutil.copy(f, hf_dir / f.name)
+    hf_dir = hf_folder(hf, tok_dir, tmp_path / "hf")
     run = tmp_path / "run"
     _run("-m", "train", "--config", "configs/tiny.yaml", "--set", f"model.init_from={hf_dir}",
          "--set", "train.max_steps=0", "--set", f"run.output_dir={run}", "--set", "logging.wandb_mode=disabled",
@@ -62,3 +58,56 @@ def test_init_from_generate_and_export_contract(tiny_corpus, tmp_path, make_hf):
         if k.endswith(("attn.bias", "masked_bias")):
             continue
         assert torch.equal(v, got_sd[k]), k
+
+
+@pytest.mark.slow
+def test_control_codes_and_fim_grow_the_vocabulary_from_a_checkpoint(tiny_corpus, tmp_path):
+    """data.control_codes + data.fim_rate on a GPT-2 start: the run's tokenizer gains the marker
+    tokens as special tokens, the embedding grows with mean-initialised rows (old rows exact),
+    training with sliding windows runs and resumes, and export carries the grown vocabulary."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from data_processing.fim import FIM_TOKENS
+    from train.config import DataConfig
+    from train.trainer import restore_params
+    from train.vocab import special_tokens_for
+
+    _, tok_dir = tiny_corpus
+    hf = tiny_hf_gpt2(vocab_size=512)
+    hf_dir = hf_folder(hf, tok_dir, tmp_path / "hf")
+    run = tmp_path / "run"
+    args = ["-m", "train", "--config", "configs/tiny.yaml", "--set", f"model.init_from={hf_dir}",
+            "--set", f"run.output_dir={run}", "--set", "logging.wandb_mode=disabled", "--set", "tokenizer.path=",
+            "--set", "data.block_size=32", "--set", f"data.train_dir={tiny_corpus[0] / 'train'}",
+            "--set", f"data.validation_dir={tiny_corpus[0] / 'validation'}", "--set", "data.control_codes=true",
+            "--set", "data.fim_rate=0.5", "--set", "data.packing=windows", "--set", "data.window_stride=16",
+            "--set", "train.eval_every=0", "--set", "train.batch_size=4", "--set", "train.save_every=2"]
+    _run(*args, "--set", "train.max_steps=0")
+    tok = AutoTokenizer.from_pretrained(run / "tokenizer")
+    wanted = special_tokens_for(DataConfig(control_codes=True, fim_rate=0.5))
+    assert len(tok) == 512 + len(wanted) and "<|python|>" in wanted and FIM_TOKENS[0] in wanted
+    assert tok.convert_tokens_to_ids(wanted) == list(range(512, 512 + len(wanted)))
+    assert all(t in tok.all_special_tokens for t in wanted)
+    assert tok.decode(tok.encode("<|python|>x = 1"), skip_special_tokens=True) == "x = 1"
+
+    cfg, params, _ = restore_params(run)
+    assert cfg.model.vocab_size == 512 + len(wanted) and cfg.tokenizer.path == str(run / "tokenizer")
+    wte = np.asarray(params["wte"])
+    ref = hf.transformer.wte.weight.detach().numpy()
+    np.testing.assert_array_equal(wte[:512], ref)
+    np.testing.assert_allclose(wte[512 : 512 + len(wanted)], np.broadcast_to(ref.mean(0), (len(wanted), 64)),
+                               rtol=1e-6, atol=1e-7)
+    files = {f.name: f.read_bytes() for f in (run / "tokenizer").iterdir()}
+
+    out = _run(*args, "--set", "train.max_steps=4")
+    assert "resumed from step 0" in out.stdout
+    assert {f.name: f.read_bytes() for f in (run / "tokenizer").iterdir()} == files  # same ids after resume
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses and all(np.isfinite(losses))
+
+    _run("-m", "train.export", "--run", str(run), "--out", str(tmp_path / "out"))
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported["vocab_size"] == 512 + len(wanted)
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) == 512 + len(wanted)

@@ -2,7 +2,8 @@
 
     python -m tokenizer.add_tokens --tokenizer TOK_DIR [--out OUT_DIR] [--report-data DATA/validation]
     python -m tokenizer.add_tokens --hf-model HF_DIR [--tokenizer TOK_DIR] [--out OUT_DIR]
-    python -m tokenizer.add_tokens --checkpoint RUN_DIR ...   (not supported yet)
+    python -m tokenizer.add_tokens --checkpoint RUN_DIR [--out NEW_RUN_DIR]
+    python -m tokenizer.add_tokens ... --special --tokens '["<|python|>"]'   (markers: mean-row init)
 
 This is Code Clippy's token-addition step without its bugs:
 
@@ -26,14 +27,14 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken
 
-from tokenizer.train_tokenizer import TokenizerError, load_tokenizer, replace_dir, write_tokenizer_files
+from data_processing.atomic import atomic_dir
+from tokenizer.train_tokenizer import TokenizerError, load_tokenizer, write_tokenizer_files
 
 # Code Clippy's list: two tabs, and runs of 2, 4 and 8 spaces.
 DEFAULT_WHITESPACE_TOKENS = ["\t\t", "  ", "    ", "        "]
@@ -67,14 +68,15 @@ def byte_level_form(text: str) -> str:
     return "".join(_BYTE_SYMBOLS[b] for b in text.encode("utf-8"))
 
 
-def plan_added_tokens(tokenizer, tokens: Sequence[str]) -> list[str]:
+def plan_added_tokens(tokenizer, tokens: Sequence[str], special: bool = False) -> list[str]:
     """Return the tokens of ``tokens`` that still need adding to ``tokenizer``, in order.
 
-    A token already present as an ordinary (non-special) added token is skipped, so re-running
-    adds nothing. A token that exists otherwise (in the base vocabulary, literally or in its
-    byte-level form, or as a special token) raises ``AddTokensError``: adding it would either do
-    nothing or change what it means. Runs of 2+ whitespace characters are allowed although their
-    byte-level form may be in the vocabulary (see the comment in the loop).
+    A token already present as an added token of the same kind (ordinary, or ``special``) is
+    skipped, so re-running adds nothing. A token that exists otherwise (in the base vocabulary,
+    literally or in its byte-level form, or as an added token of the other kind) raises
+    ``AddTokensError``: adding it would either do nothing or change what it means. Runs of 2+
+    whitespace characters are allowed although their byte-level form may be in the vocabulary
+    (see the comment in the loop).
     """
     backend = tokenizer.backend_tokenizer
     base = backend.get_vocab(with_added_tokens=False)
@@ -89,8 +91,9 @@ def plan_added_tokens(tokenizer, tokens: Sequence[str]) -> list[str]:
         seen.add(token)
         if token in added:
             idx, existing = added[token]
-            if existing.special:
-                raise AddTokensError(f"token {token!r} already exists as special token id {idx}")
+            if existing.special != special:
+                kind = "a special" if existing.special else "an ordinary"
+                raise AddTokensError(f"token {token!r} already exists as {kind} added token, id {idx}")
             continue
         if token in base:
             raise AddTokensError(f"token {token!r} already exists in the base vocabulary as id {base[token]}")
@@ -118,19 +121,24 @@ def tab_token_id(tokenizer) -> int:
     return ids[0]
 
 
-def add_to_tokenizer(tokenizer, new_tokens: Sequence[str]) -> list[int]:
-    """Add ``new_tokens`` to ``tokenizer`` (in place) as ordinary, non-normalised added tokens.
+def add_to_tokenizer(tokenizer, new_tokens: Sequence[str], special: bool = False) -> list[int]:
+    """Add ``new_tokens`` to ``tokenizer`` (in place) as non-normalised added tokens: ordinary
+    ones (text, such as whitespace) or ``special`` ones (markers such as control codes and
+    fill-in-the-middle sentinels, which ``skip_special_tokens`` removes when decoding).
 
     Returns their ids, which are consecutive from the old ``len(tokenizer)``.
     """
     old = len(tokenizer)
-    # special=False: skip_special_tokens must keep indentation. normalized=False and no
-    # lstrip/rstrip/single_word: match the exact raw whitespace, nothing around it.
+    # Whitespace must be ordinary (special=False): skip_special_tokens must keep indentation.
+    # normalized=False and no lstrip/rstrip/single_word: match the exact raw text, nothing around it.
     objs = [
-        AddedToken(t, special=False, normalized=False, single_word=False, lstrip=False, rstrip=False)
+        AddedToken(t, special=special, normalized=False, single_word=False, lstrip=False, rstrip=False)
         for t in new_tokens
     ]
-    tokenizer.add_tokens(objs)
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": objs}, replace_extra_special_tokens=False)
+    else:
+        tokenizer.add_tokens(objs)
     ids = [tokenizer.convert_tokens_to_ids(t) for t in new_tokens]
     if ids != list(range(old, old + len(new_tokens))):
         raise AddTokensError(f"added tokens got ids {ids}, expected {old}..{old + len(new_tokens) - 1}")
@@ -146,7 +154,7 @@ def extend_embedding(
     wte: np.ndarray,
     old_vocab: int,
     new_vocab: int,
-    tab_id: int,
+    tab_id: int | None,
     pad_multiple: int = DEFAULT_PAD_MULTIPLE,
 ) -> np.ndarray:
     """Return the embedding for a vocabulary grown from ``old_vocab`` to ``new_vocab`` tokens.
@@ -154,8 +162,9 @@ def extend_embedding(
     ``wte`` is ``[rows, D]`` with ``rows >= old_vocab`` (rows past ``old_vocab`` are padding).
     The result has ``padded_size(new_vocab, pad_multiple)`` rows and ``wte``'s dtype: rows
     ``0..old_vocab-1`` are bit-identical to ``wte``, rows ``old_vocab..new_vocab-1`` are copies
-    of row ``tab_id``, and padding rows after ``new_vocab`` are zeros (padding ids are never
-    produced by the tokenizer; the trainer should mask their logits).
+    of row ``tab_id`` (``None``: the mean of the old rows, for markers that resemble no
+    token), and padding rows after ``new_vocab`` are zeros (padding ids are never produced by
+    the tokenizer; the model masks their logits).
     """
     wte = np.asarray(wte)
     if wte.ndim != 2:
@@ -164,13 +173,14 @@ def extend_embedding(
         raise AddTokensError(f"embedding has {wte.shape[0]} rows, fewer than the {old_vocab} tokens")
     if new_vocab < old_vocab:
         raise AddTokensError(f"new vocabulary ({new_vocab}) is smaller than the old one ({old_vocab})")
-    if not 0 <= tab_id < old_vocab:
+    if tab_id is not None and not 0 <= tab_id < old_vocab:
         raise AddTokensError(f"tab id {tab_id} is not an existing token (vocabulary {old_vocab})")
     if pad_multiple < 1:
         raise AddTokensError(f"pad_multiple must be >= 1, got {pad_multiple}")
     out = np.zeros((padded_size(new_vocab, pad_multiple), wte.shape[1]), dtype=wte.dtype)
     out[:old_vocab] = wte[:old_vocab]
-    out[old_vocab:new_vocab] = wte[tab_id]
+    mean = wte[:old_vocab].astype(np.float64).mean(axis=0).astype(wte.dtype) if tab_id is None else None
+    out[old_vocab:new_vocab] = mean if tab_id is None else wte[tab_id]
     return out
 
 
@@ -243,11 +253,11 @@ def _from_numpy_bits(arr: np.ndarray, view_dtype):
     return t.view(view_dtype) if view_dtype is not None else t
 
 
-def extend_hf_model(model, old_vocab: int, new_vocab: int, tab_id: int) -> None:
+def extend_hf_model(model, old_vocab: int, new_vocab: int, tab_id: int | None) -> None:
     """Grow a Hugging Face causal LM's token embedding (and an untied output layer) in place.
 
     Rows are exactly ``new_vocab`` (Hugging Face models are not padded); old rows keep their bits,
-    new rows copy the tab row. ``model.config.vocab_size`` is updated.
+    new rows copy the tab row (``None``: the mean row). ``model.config.vocab_size`` is updated.
     """
     import torch
 
@@ -306,16 +316,10 @@ def _copy_or_keep(src: Path, out: Path, tok=None) -> None:
     """Nothing to add: leave ``src`` as is, or copy it (plus ``tok``) to a different ``out``."""
     if src.resolve() == out.resolve() and tok is None:
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         if tok is not None:
             write_tokenizer_files(tok, tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run(
@@ -326,34 +330,34 @@ def run(
     report_data: str | None = None,
     report_max_bytes: int | None = DEFAULT_REPORT_MAX_BYTES,
     progress: bool = True,
+    special: bool = False,
 ) -> dict:
     """Add ``tokens`` to a tokenizer folder, or to a Hugging Face model folder and its tokenizer.
 
     Writes the result to ``out`` atomically (may equal the source folder). Returns a summary
     with ``added`` (tokens and ids) and, if ``report_data`` is given, the bytes/token report.
+    ``special`` adds markers (special tokens, rows initialised from the mean row, no tab needed).
     """
     if tokenizer_dir is None and hf_model_dir is None:
         raise AddTokensError("give a tokenizer folder, a Hugging Face model folder, or both")
     src = Path(hf_model_dir if hf_model_dir is not None else tokenizer_dir)
     out = Path(out)
     tok = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else src)
-    new = plan_added_tokens(tok, tokens)
+    new = plan_added_tokens(tok, tokens, special=special)
     summary: dict = {"added": {}, "skipped": [t for t in tokens if t not in new]}
     if not new:
         if hf_model_dir is not None:
             _check_model_vocab(Path(hf_model_dir), len(tok))
         _copy_or_keep(src, out, tok if tokenizer_dir is not None and hf_model_dir is not None else None)
         return summary
-    tab_id = tab_token_id(tok)
+    tab_id = None if special else tab_token_id(tok)
     before = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else src)
     old_vocab = len(tok)
-    ids = add_to_tokenizer(tok, new)
+    ids = add_to_tokenizer(tok, new, special=special)
     summary["added"] = dict(zip(new, ids, strict=True))
-    summary["tab_id"] = tab_id
+    summary["init_row"] = tab_id
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         if hf_model_dir is not None:
             from transformers import AutoModelForCausalLM
 
@@ -387,10 +391,6 @@ def run(
         if report_data is not None:
             summary["report"] = report(before, tok, report_data, report_max_bytes, new, progress)
             (tmp / "report.json").write_text(json.dumps(summary["report"], indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 
@@ -408,12 +408,42 @@ def _parse_tokens(text: str | None) -> list[str]:
     return value
 
 
+def _print_added(summary: dict) -> None:
+    row = summary["init_row"]
+    source = "the mean row" if row is None else f"tab id {row}"
+    for token, idx in summary["added"].items():
+        print(f"added {json.dumps(token)} as id {idx} (row initialised from {source})")
+
+
+def _add_to_checkpoint(args) -> int:
+    """``--checkpoint RUN_DIR``: the work needs JAX and the trainer's checkpoint format, so it
+    lives in ``train/vocab.py``; imported only here, the rest of this module stays JAX-free."""
+    if args.tokenizer is not None or args.hf_model is not None or args.report_data is not None:
+        raise AddTokensError("--checkpoint takes no --tokenizer, --hf-model or --report-data (the run names its own)")
+    from train.config import ConfigError
+    from train.vocab import add_tokens_to_run
+
+    tokens = _parse_tokens(args.tokens)
+    try:
+        summary = add_tokens_to_run(args.checkpoint, tokens, args.out, special=args.special)
+    except (ConfigError, FileNotFoundError) as err:
+        raise AddTokensError(str(err)) from err
+    out = args.out or args.checkpoint
+    if not summary["added"]:
+        print(f"nothing to add: {json.dumps(summary['skipped'])} already added; {args.checkpoint} left as it was")
+        return 0
+    _print_added(summary)
+    print(f"wrote {out} (checkpoint step {summary['step']}, tokenizer, config.yaml); "
+          f"continue with: python -m train --config {out}/config.yaml")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     ap = argparse.ArgumentParser(prog="python -m tokenizer.add_tokens", description=__doc__.split("\n")[0])
     ap.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (alone, or the one --hf-model uses)")
     ap.add_argument("--hf-model", metavar="DIR", help="Hugging Face GPT-Neo folder (config + weights)")
-    ap.add_argument("--checkpoint", metavar="RUN_DIR", help="training checkpoint of this project")
+    ap.add_argument("--checkpoint", metavar="RUN_DIR", help="training run of this project (its latest checkpoint)")
     ap.add_argument("--out", metavar="DIR", help="output folder (default: update the input folder in place)")
     ap.add_argument(
         "--tokens",
@@ -424,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         "--report-data", metavar="DIR", help="shards to measure bytes/token on (validation split)"
     )
     ap.add_argument("--report-max-bytes", type=int, default=DEFAULT_REPORT_MAX_BYTES)
+    ap.add_argument("--special", action="store_true",
+                    help="add marker tokens (control codes, sentinels) as special tokens, rows from the mean row")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -431,10 +463,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.checkpoint is not None:
-            raise AddTokensError(
-                f"--checkpoint {args.checkpoint}: not supported yet (the trainer's checkpoint format does "
-                "not exist yet); use --tokenizer or --hf-model"
-            )
+            return _add_to_checkpoint(args)
         if args.tokenizer is None and args.hf_model is None:
             raise AddTokensError("give --tokenizer DIR, --hf-model DIR, or both")
         tokens = _parse_tokens(args.tokens)
@@ -448,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             report_data=args.report_data,
             report_max_bytes=args.report_max_bytes,
             progress=not args.no_progress,
+            special=args.special,
         )
     except (AddTokensError, TokenizerError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -455,8 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     if not summary["added"]:
         print(f"nothing to add: {json.dumps(summary['skipped'])} already added; {out} left as it was")
         return 0
-    for token, idx in summary["added"].items():
-        print(f"added {json.dumps(token)} as id {idx} (row initialised from tab id {summary['tab_id']})")
+    _print_added(summary)
     if summary["skipped"]:
         print(f"already present, skipped: {json.dumps(summary['skipped'])}")
     if "report" in summary:

@@ -86,6 +86,11 @@ class DataConfig:
     prefetch: int = 2  # batches prepared ahead of the step
     skip_bad: bool = False  # count and skip unreadable records instead of stopping
     eval_batches: int = 8  # validation batches per evaluation
+    packing: str = "concat"  # concat: EOS-joined stream cut into blocks; windows: per-file sliding windows
+    window_stride: int = 0  # windows packing: tokens between window starts; 0 = block_size (no label overlap)
+    control_codes: bool = False  # prepend each document's language token (<|python|>, ...; Autocoder)
+    fim_rate: float = 0.0  # fraction of documents rearranged for fill-in-the-middle (Bavarian et al. 2022)
+    fim_spm_rate: float = 0.0  # of the fill-in-the-middle documents, the fraction in SPM order
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention_impl": ("einsum", "dot_product"),
     "model.remat": ("none", "full", "dots"),
+    "data.packing": ("concat", "windows"),
     "schedule.decay": ("linear", "cosine", "constant"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
@@ -294,6 +300,12 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive integer, got {value}")
+    d = cfg.data
+    for key in ("fim_rate", "fim_spm_rate"):
+        if not 0.0 <= getattr(d, key) <= 1.0:
+            raise ConfigError(f"data.{key}: expected a fraction in [0, 1], got {getattr(d, key)}")
+    if not 0 <= d.window_stride <= d.block_size:
+        raise ConfigError(f"data.window_stride: expected 0..block_size ({d.block_size}), got {d.window_stride}")
     if m.vocab_size < 0:
         raise ConfigError(f"model.vocab_size: expected >= 0 (0 = from the tokenizer), got {m.vocab_size}")
     if m.hidden_size % m.num_heads:

@@ -39,7 +39,7 @@ def token_losses(logits_BTV: jax.Array, labels_BT: jax.Array) -> jax.Array:
     return log_z_BT - label_logit_BT
 
 
-def _chunked_loss_sum(model: Transformer, params, h_BTD, labels_BT, chunk: int) -> jax.Array:
+def _chunked_loss_sum(model: Transformer, params, h_BTD, labels_BT, valid_BT, chunk: int) -> jax.Array:
     """Sum of token losses computed ``chunk`` positions at a time, so the fp32 logits of the whole
     batch ``[B, T, V]`` never exist at once (checkpointed: recomputed in the backward pass)."""
     B, T, D = h_BTD.shape
@@ -47,12 +47,12 @@ def _chunked_loss_sum(model: Transformer, params, h_BTD, labels_BT, chunk: int) 
     pad = n * chunk - T
     h_NBCD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
     labels_NBC = jnp.pad(labels_BT, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
-    valid_NBC = (jnp.arange(n * chunk) < T).reshape(n, 1, chunk)
+    valid_NBC = jnp.pad(valid_BT, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
 
     @jax.checkpoint
-    def one(h_BCD, labels_BC, valid_1C):
+    def one(h_BCD, labels_BC, valid_BC):
         logits = model.apply({"params": params}, h_BCD, method=Transformer.logits)
-        return jnp.sum(token_losses(logits, labels_BC) * valid_1C)
+        return jnp.sum(token_losses(logits, labels_BC) * valid_BC)
 
     def body(total, xs):
         return total + one(*xs), None
@@ -61,18 +61,37 @@ def _chunked_loss_sum(model: Transformer, params, h_BTD, labels_BT, chunk: int) 
     return total
 
 
-def loss_fn(params, tokens_BT1, cfg: ModelConfig, dropout_rng=None) -> jax.Array:
-    """Mean next-token cross entropy (fp32) of a packed token batch ``[B, T + 1]``."""
+def split_batch(tokens_BT1: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(inputs [B, T], labels [B, T], valid [B, T] fp32)`` of a token batch ``[B, T + 1]``.
+
+    Negative ids are padding (sliding-window packing pads a file's last window with -1): they
+    get no loss, and are fed to the model as id 0; padding only ever follows real tokens in a
+    row, so causal attention keeps it out of every real position's prediction."""
     inputs_BT, labels_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+    valid_BT = (labels_BT >= 0).astype(jnp.float32)
+    return jnp.maximum(inputs_BT, 0), jnp.maximum(labels_BT, 0), valid_BT
+
+
+def loss_sum_fn(params, tokens_BT1, cfg: ModelConfig, dropout_rng=None) -> tuple[jax.Array, jax.Array]:
+    """``(summed next-token cross entropy, number of real label tokens)`` of a batch ``[B, T + 1]``."""
+    inputs_BT, labels_BT, valid_BT = split_batch(tokens_BT1)
     model = Transformer(cfg)
     deterministic = dropout_rng is None
     rngs = {} if deterministic else {"dropout": dropout_rng}
     if cfg.loss_chunk_size and cfg.loss_chunk_size < inputs_BT.shape[1]:
         h_BTD = model.apply({"params": params}, inputs_BT, None, deterministic, method=Transformer.hidden,
                             rngs=rngs)
-        return _chunked_loss_sum(model, params, h_BTD, labels_BT, cfg.loss_chunk_size) / labels_BT.size
-    logits_BTV = model.apply({"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs)
-    return jnp.mean(token_losses(logits_BTV, labels_BT))
+        total = _chunked_loss_sum(model, params, h_BTD, labels_BT, valid_BT, cfg.loss_chunk_size)
+    else:
+        logits_BTV = model.apply({"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs)
+        total = jnp.sum(token_losses(logits_BTV, labels_BT) * valid_BT)
+    return total, jnp.sum(valid_BT)
+
+
+def loss_fn(params, tokens_BT1, cfg: ModelConfig, dropout_rng=None) -> jax.Array:
+    """Mean next-token cross entropy (fp32) over the real (non-padding) labels of ``[B, T + 1]``."""
+    total, count = loss_sum_fn(params, tokens_BT1, cfg, dropout_rng)
+    return total / jnp.maximum(count, 1.0)
 
 
 def _uses_dropout(cfg: ModelConfig) -> bool:
@@ -82,7 +101,7 @@ def _uses_dropout(cfg: ModelConfig) -> bool:
 def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: Config, tx: optax.GradientTransformation,
                seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update over the whole global batch; returns the new state and metrics
-    (``loss`` = mean over all micro-batches, ``grad_norm``, ``learning_rate``)."""
+    (``loss`` = mean over the real label tokens of all micro-batches, ``grad_norm``, ``learning_rate``)."""
     mcfg = cfg.model
     accum = cfg.optimizer.grad_accum_steps
     B = tokens_BT1.shape[0]
@@ -91,25 +110,27 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: Config, tx: opt
     micro_ABT1 = tokens_BT1.reshape(B // accum, accum, -1).swapaxes(0, 1)
     micro_ABT1 = jax.lax.with_sharding_constraint(micro_ABT1, PartitionSpec(None, sharding.BATCH_AXES, None))
     base_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-    grad_fn = jax.value_and_grad(loss_fn)
+    # Gradients of the loss *sum*, divided once by the real-token count of the whole batch: the
+    # exact mean even when padding makes micro-batches hold different numbers of real tokens.
+    grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
 
     def micro(carry, xs):
-        loss_sum, grad_sum = carry
+        loss_sum, count_sum, grad_sum = carry
         i, tokens = xs
         rng = jax.random.fold_in(base_rng, i) if _uses_dropout(mcfg) else None
-        loss, grads = grad_fn(state.params, tokens, mcfg, rng)
+        (loss, count), grads = grad_fn(state.params, tokens, mcfg, rng)
         grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
-        return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+        return (loss_sum + loss, count_sum + count, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
     if accum == 1:
-        (loss_sum, grad_sum), _ = micro((jnp.zeros((), jnp.float32), zeros), (0, micro_ABT1[0]))
+        (loss_sum, count, grad_sum), _ = micro(init, (0, micro_ABT1[0]))
     else:
-        (loss_sum, grad_sum), _ = jax.lax.scan(
-            micro, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum), micro_ABT1)
-        )
-    loss = loss_sum / accum
-    grads = jax.tree_util.tree_map(lambda g: g / accum, grad_sum)
+        (loss_sum, count, grad_sum), _ = jax.lax.scan(micro, init, (jnp.arange(accum), micro_ABT1))
+    count = jnp.maximum(count, 1.0)
+    loss = loss_sum / count
+    grads = jax.tree_util.tree_map(lambda g: g / count, grad_sum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.schedule)
@@ -123,10 +144,10 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: Config, tx: opt
 
 def eval_step(params, tokens_BT1: jax.Array, *, cfg: Config) -> dict[str, jax.Array]:
     """Summed token loss and token count of a validation batch (sums, so batches combine exactly)."""
-    mcfg = cfg.model
-    logits_BTV = Transformer(mcfg).apply({"params": params}, tokens_BT1[:, :-1])
-    losses_BT = token_losses(logits_BTV, tokens_BT1[:, 1:])
-    return {"loss_sum": jnp.sum(losses_BT), "tokens": jnp.asarray(losses_BT.size, jnp.float32)}
+    inputs_BT, labels_BT, valid_BT = split_batch(tokens_BT1)
+    logits_BTV = Transformer(cfg.model).apply({"params": params}, inputs_BT)
+    losses_BT = token_losses(logits_BTV, labels_BT)
+    return {"loss_sum": jnp.sum(losses_BT * valid_BT), "tokens": jnp.sum(valid_BT)}
 
 
 def next_token_logits(params, tokens_BT: jax.Array, *, cfg: ModelConfig) -> jax.Array:

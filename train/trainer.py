@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from train import config as C
-from train import convert, distributed, sharding
+from train import convert, distributed, sharding, vocab
 from train.checkpoint import Checkpointer, gather_host_states
 from train.metrics import MetricsWriter, Throughput, device_peak_flops, measured_cpu_peak_flops
 from train.step import compile_steps
@@ -69,6 +69,10 @@ def resolve(cfg: C.Config, device_count: int) -> C.Config:
         cfg = C.replace(cfg, model={f.name: getattr(arch, f.name) for f in dataclasses.fields(arch)})
         if not cfg.tokenizer.path:
             cfg = C.replace(cfg, tokenizer={"path": cfg.model.init_from})
+        vocab, _ = tokenizer_info(cfg.tokenizer.path)
+        if vocab > cfg.model.vocab_size:
+            # Tokens added for this run (control codes, FIM sentinels): the embedding grows.
+            cfg = C.replace(cfg, model={"vocab_size": vocab})
     else:
         vocab, _ = tokenizer_info(cfg.tokenizer.path)
         if cfg.model.vocab_size == 0:
@@ -95,21 +99,36 @@ def _epoch_start(epoch: int) -> dict[str, Any]:
     return {"epoch": epoch, "unit": 0, "line": 0, "line_base": 0, "emitted": 0, "buffer": []}
 
 
+def encode_options(cfg: C.Config):
+    """The loader's ``EncodeOptions`` for ``cfg.data`` (control codes, FIM, sliding windows)."""
+    from data_processing.packing import EncodeOptions
+
+    d = cfg.data
+    windows = d.packing == "windows"
+    return EncodeOptions(
+        control_codes=d.control_codes, fim_rate=d.fim_rate, fim_spm_rate=d.fim_spm_rate,
+        window=d.block_size + 1 if windows else 0, stride=(d.window_stride or d.block_size) if windows else 0,
+        seed=cfg.train.seed,
+    )
+
+
 def _make_loaders(cfg: C.Config, batch_per_host: int):
     from data_processing.loader import TokenLoader, validation_batches
 
     d = cfg.data
+    encode = encode_options(cfg)
     loader = TokenLoader(
         d.train_dir, cfg.tokenizer.path, block_size=d.block_size, batch_size_per_host=batch_per_host,
         seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
         process_index=jax.process_index(), process_count=jax.process_count(), skip_bad=d.skip_bad,
-        prefetch=d.prefetch, tokenize_batch=d.tokenize_batch,
+        prefetch=d.prefetch, tokenize_batch=d.tokenize_batch, encode=encode,
     )
     val = []
     if cfg.train.eval_every and d.eval_batches:
         val = list(validation_batches(
             d.validation_dir, cfg.tokenizer.path, block_size=d.block_size, batch_size_per_host=batch_per_host,
             num_batches=d.eval_batches, process_index=jax.process_index(), process_count=jax.process_count(),
+            encode=encode,
         ))
     return loader, val
 
@@ -151,6 +170,7 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
     """Train until ``train.max_steps`` (or ``stop_after`` steps in this call, for tests that
     simulate an interruption). Returns a summary with the final step and losses."""
     distributed.initialize(cfg.mesh)
+    cfg = vocab.prepare_tokenizer(cfg, cfg.run.output_dir)
     cfg = resolve(cfg, jax.device_count())
     is_main = jax.process_index() == 0
     run_dir = Path(cfg.run.output_dir)
@@ -343,7 +363,9 @@ def _initial_state(cfg: C.Config, compiled):
         return compiled.init(jax.random.PRNGKey(cfg.train.seed))
     from train.hf_io import load_hf_folder
 
-    _, params = load_hf_folder(cfg.model.init_from, cfg.model)
+    hf_cfg, params = load_hf_folder(cfg.model.init_from, cfg.model)
+    if cfg.model.vocab_size > hf_cfg.vocab_size:
+        params = vocab.grow_vocab(params, hf_cfg.vocab_size, cfg.model)
     params = jax.device_put(params, compiled.state_shardings.params)
     print(f"[train] initialised from {cfg.model.init_from} ({cfg.model.family})", flush=True)
     return compiled.state_from_params(params)
@@ -357,10 +379,10 @@ def _progress(cfg: C.Config, is_main: bool, initial: int, total: int):
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-def restore_params(run_dir: str | Path, step: int | None = None, *, mesh=None, best: bool = False):
-    """Parameters (and the run's config) of a checkpoint, on one device by default: what export,
-    sampling and evaluation need, without the optimizer state. ``best`` reads the best-by-eval
-    checkpoint kept with ``checkpoint.keep_best``."""
+def restore_state(run_dir: str | Path, step: int | None = None, *, mesh=None, best: bool = False):
+    """``(config, train state, loader states, meta)`` of a checkpoint of ``run_dir`` (latest
+    unless ``step``), on one device by default. ``best`` reads the best-by-eval checkpoint kept
+    with ``checkpoint.keep_best``."""
     run_dir = Path(run_dir)
     cfg = C.load(run_dir / "config.yaml")
     cfg = dataclasses.replace(cfg, mesh=C.MeshConfig(data=1, fsdp=1, tensor=1))
@@ -368,13 +390,19 @@ def restore_params(run_dir: str | Path, step: int | None = None, *, mesh=None, b
         mesh = sharding.make_mesh(C.replace(cfg, train={"batch_size": 1, "per_device_batch_size": 1},
                                             optimizer={"grad_accum_steps": 1}), jax.devices()[:1])
     compiled = compile_steps(cfg, mesh)
-    target = compiled.abstract_state
     folder = run_dir / "checkpoints" / ("best" if best else "")
     ckpt = Checkpointer(folder, keep=10**6, async_save=False)
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"{folder}: no checkpoint found")
-        state, _, meta = ckpt.restore(step, target)
+        state, loader_states, meta = ckpt.restore(step, compiled.abstract_state)
     finally:
         ckpt.close()
+    return cfg, state, loader_states, meta
+
+
+def restore_params(run_dir: str | Path, step: int | None = None, *, mesh=None, best: bool = False):
+    """Parameters (and the run's config and step) of a checkpoint, on one device by default:
+    what export, sampling and evaluation need. See ``restore_state``."""
+    cfg, state, _, meta = restore_state(run_dir, step, mesh=mesh, best=best)
     return cfg, state.params, int(meta["step"])
