@@ -284,8 +284,14 @@ def _files_frame(spark, names: list[str], uris: list[str]):
 
     listing = spark.createDataFrame([(u, s, n) for s, (n, u) in enumerate(zip(names, uris, strict=True))],
                                     "path string, shard int, name string")
-    raw = spark.read.format("binaryFile").load([glob_escape(u) for u in uris]).select("path", "content")
-    return raw.join(F.broadcast(listing), "path").select("shard", "name", "content")
+    raw = spark.read.format("binaryFile").load([glob_escape(u) for u in uris])
+    # Rows are matched to shard numbers by path; a path Spark spells differently would silently
+    # drop a shard, so check every one is found (a listing only: no content is read).
+    found = {r.path for r in raw.select("path").collect()}
+    missing = [n for n, u in zip(names, uris, strict=True) if u not in found]
+    if missing:
+        raise ShardError(f"{missing[0]}: not found by Spark's file reader ({len(missing)} shards missing)")
+    return raw.select("path", "content").join(F.broadcast(listing), "path").select("shard", "name", "content")
 
 
 def _persist(df):
