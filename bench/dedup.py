@@ -378,6 +378,9 @@ def scaling_series(scales: list[int], step_mb: float, engines: list[str], seed: 
     planted, _, _ = build_labelled_set(600, seed=seed)
     pool = planted + code_pool(seed)
     random.Random(seed).shuffle(pool)
+    available = sum(r["meta"]["size"] for r in pool) / 1e6
+    if available < max(scales) * step_mb * 0.95:  # fail before hours of runs, not after
+        raise SystemExit(f"scaling: only {available:.1f} MB of code found for {max(scales)}x {step_mb} MB")
     rows = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -388,8 +391,6 @@ def scaling_series(scales: list[int], step_mb: float, engines: list[str], seed: 
                     break
                 records.append(r)
                 size += r["meta"]["size"]
-            if size < k * step_mb * 1e6 * 0.95:
-                raise SystemExit(f"scaling: only {size / 1e6:.1f} MB of code found for {k}x {step_mb} MB")
             folder = os.path.join(tmp, f"x{k}")
             write_input(records, folder)
             for engine in engines:
