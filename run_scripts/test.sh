@@ -6,5 +6,4 @@ cd "$(dirname "$0")/.."
 source run_scripts/setup_env.sh
 ruff check .
 # Two workers: much of the suite is XLA compilation, which is mostly single-threaded.
-# loadgroup: the Spark tests (xdist_group "spark") share one worker, so one JVM runs at a time.
-python -m pytest -q -n 2 --dist loadgroup --durations=15 "$@"
+python -m pytest -q -n 2 --durations=15 "$@"

@@ -42,7 +42,6 @@ def test_our_engine_precision_and_recall_on_planted_set():
 
 
 @pytest.mark.spark
-@pytest.mark.xdist_group("spark")
 def test_spark_engine_in_benchmark_scores_like_ours(spark, capsys):
     out = bench.main(["--quick", "--originals", "10", "--workers", "1", "--engines", "local,spark"])
     parsed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """Spark engine: the same kept records, clusters, report and output files as the local engine.
 
-All tests share one ``local[2]`` session (the ``spark`` fixture) and run in one xdist worker.
+All tests share one ``local[2]`` session per test process (the ``spark`` fixture).
 """
 
 import json
@@ -17,7 +17,7 @@ from data_processing.dedup import plan_dedup, write_kept
 from data_processing.shards import iter_records, list_shards, write_shard
 from data_processing.spark_components import connected_components
 
-pytestmark = [pytest.mark.spark, pytest.mark.xdist_group("spark")]
+pytestmark = pytest.mark.spark
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Fields that describe the run rather than the result.
