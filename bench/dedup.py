@@ -373,9 +373,11 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
             "peak_rss_mb": mb[0], "driver_rss_mb": mb[1], "jvm_rss_mb": mb[2]}
 
 
-def scaling_series(scales: list[int], step_mb: float, engines: list[str], seed: int = 0) -> list[dict]:
-    """Each engine on prefixes of ``k * step_mb`` MB of one pool, each run in its own process."""
-    planted, _, _ = build_labelled_set(600, seed=seed)
+def scaling_series(scales: list[int], step_mb: float, engines: list[str], seed: int = 0,
+                   originals: int = 600) -> list[dict]:
+    """Each engine on prefixes of ``k * step_mb`` MB of one pool (the planted set built from
+    ``originals`` files, plus real code), each run in its own process."""
+    planted, _, _ = build_labelled_set(originals, seed=seed)
     pool = planted + code_pool(seed)
     random.Random(seed).shuffle(pool)
     available = sum(r["meta"]["size"] for r in pool) / 1e6

@@ -56,7 +56,7 @@ def test_spark_engine_in_benchmark_scores_like_ours(spark, capsys):
 
 def test_scaling_series_measures_each_engine_in_its_own_process():
     # Two tiny steps of the local engine and datasketch: sizes grow, memory and times are measured.
-    rows = bench.scaling_series([1, 2], 0.3, ["local", "datasketch"])
+    rows = bench.scaling_series([1, 2], 0.3, ["local", "datasketch"], originals=20)
     assert [(r["scale"], r["engine"]) for r in rows] == [(1, "local"), (1, "datasketch"), (2, "local"),
                                                           (2, "datasketch")]
     assert rows[2]["mb"] >= 0.6 * 0.95 and rows[0]["mb"] >= 0.3 * 0.95 and rows[2]["files"] > rows[0]["files"]
