@@ -485,11 +485,8 @@ def _report(records, ex, params: DedupParams, bad_counts: dict[str, int], n_shar
 
 def _tmp_beside(fs: HadoopFS, output: str) -> str:
     """A hidden, unique folder next to ``output`` (same filesystem, so the final move is a rename)."""
-    out = output.rstrip("/")
-    parent, _, name = out.rpartition("/")
-    if not name or not parent and not out.startswith("/"):
-        parent, name = ".", out
-    return f"{parent or '/'}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
+    parent, name = fs.parent_and_name(output)
+    return f"{parent.rstrip('/')}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
 
 
 def write_spark(plan: SparkPlan, output: str, *, progress: bool = True, started: float | None = None,
@@ -548,9 +545,7 @@ def _publish(fs: HadoopFS, tmp: str, output: str, written: list[str]) -> None:
     """Move the finished temporary folder to ``output``: one rename when ``output`` is new; into
     an existing folder shard by shard, stale ``dedup-*`` shards deleted, the report last."""
     if not fs.exists(output):
-        parent = output.rstrip("/").rpartition("/")[0]
-        if parent:
-            fs.mkdirs(parent)
+        fs.mkdirs(fs.parent_and_name(output)[0])
         fs.rename(tmp, output)
         return
     for name in written:
@@ -578,6 +573,8 @@ def run(source: str, output: str, params: DedupParams, *, master: str | None = N
     spark = get_session(master, settings)
     startup = time.perf_counter() - t0
     _log(progress, f"Spark {spark.version} on {spark.sparkContext.master} started in {startup:.1f} s")
+    output = output if _is_uri(output) else os.path.abspath(output)
+    HadoopFS(spark).parent_and_name(output)  # a bad --output fails now, not after the whole plan
     plan = plan_spark(spark, source, params, skip_bad=skip_bad, progress=progress)
     plan.report["spark"]["startup_seconds"] = startup
     write_spark(plan, output, progress=progress, started=t0)

@@ -117,6 +117,14 @@ class HadoopFS:
         """Fully qualified form (``/x`` -> ``file:/x``), as Spark's readers report paths."""
         return self._fs(uri).makeQualified(self._path(uri)).toString()
 
+    def parent_and_name(self, uri: str) -> tuple[str, str]:
+        """``(parent folder, last name)`` of a path; ``ValueError`` for a filesystem root."""
+        path = self._path(uri)
+        parent = path.getParent()
+        if parent is None or not path.getName():
+            raise ValueError(f"{uri}: the output must be a folder below the filesystem (or bucket) root")
+        return parent.toString(), path.getName()
+
     def exists(self, uri: str) -> bool:
         return bool(self._fs(uri).exists(self._path(uri)))
 

@@ -162,6 +162,17 @@ def test_bad_input_same_message_as_local_and_skip_bad(spark, tmp_path, capsys):
         "record has no string field 'text'": 1}
     assert comparable(reports[0]) == comparable(reports[1]) and reports[1]["input"]["files"] == 8
 
+    # Spark-only limits, refused up front with one line: hidden shard names, a root as output.
+    write_shard(tmp_path / "hidden" / "_part.jsonl", records[:1])
+    for args, expected in (
+        (["--input", str(tmp_path / "hidden"), "--output", str(tmp_path / "o")],
+         f"error: {tmp_path / 'hidden' / '_part.jsonl'}: Spark never reads files whose names start with"),
+        (["--input", str(tmp_path / "in"), "--output", "/"], "error: /: the output must be a folder below"),
+    ):
+        assert dedup.main(["--engine", "spark", "--quiet", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(expected)
+
 
 def test_connected_components_match_union_find(spark):
     rng = np.random.default_rng(0)
