@@ -236,10 +236,12 @@ def test_loss_ignores_padding_and_accumulation_weights_real_tokens():
     full = rng.integers(0, 64, (2, 17)).astype(np.int32)
     padded = full.copy()
     padded[0, 9:] = -1  # row 0 keeps 9 tokens: 8 labels
-    real = step.loss_fn(params, jnp.asarray(padded), cfg.model)
-    trimmed_sum, _ = step.loss_sum_fn(params, jnp.asarray(full[:1, :9]), cfg.model)
-    other_sum, _ = step.loss_sum_fn(params, jnp.asarray(full[1:]), cfg.model)
+    loss_fn = jax.jit(step.loss_fn, static_argnums=2)  # compiled: eager flax is slow on CPU
+    loss_sum_fn = jax.jit(step.loss_sum_fn, static_argnums=2)
+    real = loss_fn(params, jnp.asarray(padded), cfg.model)
+    trimmed_sum, _ = loss_sum_fn(params, jnp.asarray(full[:1, :9]), cfg.model)
+    other_sum, _ = loss_sum_fn(params, jnp.asarray(full[1:]), cfg.model)
     assert float(real) == pytest.approx(float((trimmed_sum + other_sum) / (8 + 16)), rel=1e-5)
-    assert float(real) != pytest.approx(float(step.loss_fn(params, jnp.asarray(full), cfg.model)), rel=1e-3)
+    assert float(real) != pytest.approx(float(loss_fn(params, jnp.asarray(full), cfg.model)), rel=1e-3)
     chunked = tiny_config("model.vocab_size=64", "model.compute_dtype=float32", "model.loss_chunk_size=5")
-    assert float(step.loss_fn(params, jnp.asarray(padded), chunked.model)) == pytest.approx(float(real), rel=1e-5)
+    assert float(loss_fn(params, jnp.asarray(padded), chunked.model)) == pytest.approx(float(real), rel=1e-5)
