@@ -29,6 +29,7 @@ and collects aggregates for the report (never texts, signatures or shingle sets)
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -533,10 +534,9 @@ def write_spark(plan: SparkPlan, output: str, *, progress: bool = True, started:
         fs.write_bytes(f"{tmp}/{REPORT_NAME}", (json.dumps(plan.report, indent=2) + "\n").encode())
         _publish(fs, tmp, output, written)
     except BaseException:
-        try:
+        with contextlib.suppress(Exception):  # the job's own error is the one worth reporting
             fs.delete(tmp)
-        finally:
-            raise
+        raise
     _log(progress, f"{len(written)} shards written to {output} in {seconds:.1f} s")
     return seconds
 
