@@ -2,8 +2,9 @@
 
 Starts ``train.serve`` on a tiny random GPT-Neo (512-token byte-level tokenizer trained on a few
 standard-library files) on 127.0.0.1, then sends the same greedy requests one by one (baseline)
-and from 1, 4 and 16 concurrent clients; reports requests/s and p50/p95 latency, ending with one
-JSON line.
+and from 1, 4 and 16 concurrent clients; reports requests/s and p50/p95 latency. Then streams
+greedy 64-token completions one at a time and reports when the first text event arrived and
+when the stream ended (p50). Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -74,11 +75,14 @@ def main(argv=None) -> int:
                 except httpx.HTTPError:
                     time.sleep(0.3)
             prompts = [f"def f{i}(x):\n    return x +" for i in range(n_requests)]
+            # One pooled client for every request: creating an httpx client costs ~45 ms on this
+            # box (SSL context), which would otherwise dominate the latencies measured.
+            client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=32))
 
             def one(p):
                 t0 = time.perf_counter()
-                r = httpx.post(url + "/v1/completions", json={"prompt": p, "max_tokens": max_tokens,
-                                                              "temperature": 0}, timeout=120)
+                r = client.post(url + "/v1/completions", json={"prompt": p, "max_tokens": max_tokens,
+                                                               "temperature": 0})
                 r.raise_for_status()
                 return time.perf_counter() - t0
 
@@ -97,6 +101,25 @@ def main(argv=None) -> int:
                 results[name] = {"clients": clients, "requests": len(prompts), "rps": round(len(prompts) / wall, 2),
                                  "p50_ms": round(1000 * pct(lat, 0.5), 1), "p95_ms": round(1000 * pct(lat, 0.95), 1)}
                 print(f"{name:>10}: {results[name]}", file=sys.stderr)
+
+            def streamed(p):
+                # Time to the first event that carries text, and to the end of the stream.
+                t0, first = time.perf_counter(), None
+                body = {"prompt": p, "max_tokens": 64, "temperature": 0, "stream": True}
+                with client.stream("POST", url + "/v1/completions", json=body) as r:
+                    r.raise_for_status()
+                    for line in r.iter_lines():
+                        if first is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                            first = time.perf_counter() - t0
+                return first if first is not None else float("nan"), time.perf_counter() - t0
+
+            streamed(prompts[0])  # warm-up: the 64-token bucket
+            times = [streamed(p) for p in prompts[: 8 if args.quick else 32]]
+            results["stream64"] = {"requests": len(times),
+                                   "first_text_p50_ms": round(1000 * pct([a for a, _ in times], 0.5), 1),
+                                   "end_p50_ms": round(1000 * pct([b for _, b in times], 0.5), 1)}
+            print(f"{'stream64':>10}: {results['stream64']}", file=sys.stderr)
+            client.close()
         finally:
             proc.terminate()
             try:

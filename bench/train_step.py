@@ -2,6 +2,7 @@
 
     python bench/train_step.py --config configs/gpt_neo_125m.yaml --set model.vocab_size=50257
     python bench/train_step.py --quick            # tiny config, a few minutes on 2 CPU cores
+    python bench/train_step.py --quick --sweep    # also each speed option alone against the baseline
 
 The last printed line is one JSON object (see ``main``)."""
 from __future__ import annotations
@@ -60,11 +61,51 @@ def run_ours(cfg, batch_np: np.ndarray, steps: int, warmup: int) -> dict:
     state = compiled.init(jax.random.PRNGKey(cfg.train.seed))
     batch = sharding.global_batch(batch_np, mesh)
     t = time.perf_counter()
-    compiled.train_step.lower(state, batch).compile()
+    executable = compiled.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
     state, _ = time_steps(compiled.train_step, state, batch, warmup)  # also fills jit caches
     state, step_s = time_steps(compiled.train_step, state, batch, steps)
-    return {"step_time_s": step_s, "compile_time_s": compile_s, "num_devices": mesh.size}
+    return {"step_time_s": step_s, "compile_time_s": compile_s, "num_devices": mesh.size,
+            "temp_bytes": _temp_bytes(executable)}
+
+
+def _temp_bytes(executable) -> int | None:
+    """XLA's planned scratch memory of the compiled step (activations, workspaces) per device:
+    unlike process peak memory, it is per variant and comparable on every backend."""
+    try:
+        return int(executable.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports a memory analysis
+        return None
+
+
+def sweep_variants(cfg) -> list[tuple[str, list[str]]]:
+    """Each speed option of issue "Performance" alone, against the configuration as given."""
+    T = cfg.data.block_size
+    return [
+        ("baseline", []),
+        ("attention dot_product", ["model.attention_impl=dot_product"]),
+        ("remat full", ["model.remat=full"]),
+        ("remat dots", ["model.remat=dots"]),
+        (f"loss chunk {max(T // 4, 1)}", [f"model.loss_chunk_size={max(T // 4, 1)}"]),
+    ]
+
+
+def run_sweep(config_path: str, overrides: list[str], batch_np: np.ndarray, steps: int, warmup: int) -> list[dict]:
+    """Time every ``sweep_variants`` entry on the same batch; tokens/s relative to the baseline."""
+    rows = []
+    base_cfg = config_lib.load(config_path, overrides)
+    for name, extra in sweep_variants(base_cfg):
+        cfg = config_lib.load(config_path, overrides + extra)
+        r = run_ours(cfg, batch_np, steps, warmup)
+        rows.append({"variant": name, "overrides": extra, "tokens_per_second": batch_np[:, 1:].size / r["step_time_s"],
+                     "step_time_s": r["step_time_s"], "compile_time_s": r["compile_time_s"],
+                     "temp_bytes": r["temp_bytes"]})
+        print(f"[sweep] {name:24s} {rows[-1]['tokens_per_second']:10.0f} tok/s  "
+              f"temp {(r['temp_bytes'] or 0) / 2**20:8.1f} MiB", file=sys.stderr, flush=True)
+    base = rows[0]["tokens_per_second"]
+    for row in rows:
+        row["relative"] = row["tokens_per_second"] / base
+    return rows
 
 
 def ensure_peer_venv(venv: Path) -> Path:
@@ -103,6 +144,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-peer", action="store_true", help="skip the Hugging Face Flax peer")
     p.add_argument("--peer-venv", default=str(PEER_VENV))
+    p.add_argument("--sweep", action="store_true", help="also time each speed option alone (JSON field 'sweep')")
     a = p.parse_args(argv)
     config_path = a.config or (str(ROOT / "configs" / "tiny.yaml") if a.quick else None)
     if config_path is None:
@@ -132,9 +174,11 @@ def main(argv=None) -> dict:
             np.save(path, batch_np)
             peer = run_peer(cfg, path, steps, a.warmup, Path(a.peer_venv))
     peer_tps = tokens / peer["step_time_s"] if peer else None
+    sweep = run_sweep(config_path, overrides, batch_np, steps, a.warmup) if a.sweep else None
     result = {
         "tokens_per_second": tps, "tokens_per_second_per_device": per_dev, "step_time_s": ours["step_time_s"],
         "compile_time_s": ours["compile_time_s"], "peak_memory_bytes": mem, "peak_memory_kind": mem_kind,
+        "temp_bytes": ours["temp_bytes"], "sweep": sweep,
         "mfu": mfu, "peak_flops_per_device": peak, "peak_flops_kind": peak_kind,
         "peer_tokens_per_second": peer_tps, "peer_step_time_s": peer["step_time_s"] if peer else None,
         "peer_compile_time_s": peer["compile_time_s"] if peer else None,

@@ -20,6 +20,8 @@ It depends only on the records, never on timing or worker count, so any engine r
 same kept set.
 
     python -m data_processing.dedup --input DIR --output DIR [--threshold 0.85] [--workers N]
+    python -m data_processing.dedup --engine spark [--master local[2]|spark://HOST:7077|yarn] \\
+        --input URI --output URI [--threshold 0.85]       # the same stages on Spark, the same output
 """
 
 from __future__ import annotations
@@ -88,7 +90,10 @@ def normalise_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
-def _map_signatures(texts: list[str], num_perm: int, seed: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def map_signatures(texts: list[str], num_perm: int, seed: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 1 for a batch of texts: uint64 exact hashes (whitespace-normalised blake2b) and
+    ``(n, num_perm)`` uint32 MinHash signatures. Every engine calls this one function, so their
+    hashes and signatures are bit-identical."""
     exact = np.array([minhash.hash_bytes(normalise_whitespace(t).encode("utf-8")) for t in texts],
                      dtype=np.uint64)
     sigs = np.stack([minhash.signature(minhash.shingle_hashes(t, k), num_perm, seed) for t in texts])
@@ -275,7 +280,7 @@ def plan_dedup(
 
     try:
         # Stage 1: map signatures (spread over the pool; ordered results keep determinism).
-        fn = partial(_map_signatures, num_perm=params.num_perm, seed=params.seed, k=params.shingle_words)
+        fn = partial(map_signatures, num_perm=params.num_perm, seed=params.seed, k=params.shingle_words)
         exact_parts, sig_parts = [], []
         with tqdm(desc="dedup signatures", unit=" files", disable=None if progress else True) as bar:
             for exact, sigs in pool.imap(fn, _batches(paths, skip_bad, bad, sink)):
@@ -383,6 +388,7 @@ def plan_dedup(
                    minhash.candidate_probability(params.threshold, params.bands, params.rows)},
         "survivor_rule": "lowest (repo_name, file_name), then (shard, record index)",
         "bad_records": dict(bad.counts),
+        "engine": "local",
         "workers": pool.n,
         "seconds": {"signatures": t1 - t0, "exact": t2 - t1, "lsh": t3 - t2, "verify": t4 - t3,
                     "clusters": t5 - t4, "total": elapsed},
@@ -431,24 +437,44 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _spark_conf(items: list[str]) -> dict[str, str]:
+    conf = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--spark-conf {item!r}: expected KEY=VALUE")
+        conf[key] = value
+    return conf
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="folder (or glob) of input shards")
-    p.add_argument("--output", required=True)
+    p.add_argument("--input", required=True, help="folder (or glob) of input shards; a Hadoop URI with --engine spark")
+    p.add_argument("--output", required=True, help="output folder; a Hadoop URI with --engine spark")
+    p.add_argument("--engine", choices=("local", "spark"), default="local",
+                   help="local: a process pool on this machine (default); spark: Spark jobs (dedup_spark.py)")
+    p.add_argument("--master", default=None,
+                   help="Spark master (local[2], spark://HOST:7077, yarn); default: spark-submit's, else local[*]")
+    p.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE", help="Spark setting (repeatable)")
     p.add_argument("--threshold", type=float, default=0.85)
     p.add_argument("--num-perm", type=int, default=128)
     p.add_argument("--bands", type=int, default=None)
     p.add_argument("--rows", type=int, default=None)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores; local engine)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad records instead of stopping")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
+    if not 0 < args.threshold <= 1:
+        p.error(f"--threshold {args.threshold}: must be in (0, 1]")
     params = DedupParams(args.threshold, args.num_perm, args.bands, args.rows, args.seed)
+    if args.engine == "spark":
+        return _main_spark(args, params)
     t0 = time.perf_counter()
     try:
         paths = list_shards(args.input)
         with Workers(args.workers) as pool:
-            result = plan_dedup(paths, params, skip_bad=args.skip_bad, pool=pool)
+            result = plan_dedup(paths, params, skip_bad=args.skip_bad, pool=pool, progress=not args.quiet)
             write_kept(result, args.output, skip_bad=args.skip_bad, pool=pool)
     except ShardError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -456,6 +482,24 @@ def main(argv: list[str] | None = None) -> int:
     report = result.report
     report["seconds"]["with_write"] = time.perf_counter() - t0
     write_json_atomic(Path(args.output) / "dedup_report.json", report)
+    print(json.dumps({k: report[k] for k in ("input", "output", "mb_per_s")}))
+    return 0
+
+
+def _main_spark(args: argparse.Namespace, params: DedupParams) -> int:
+    """``--engine spark``: one-line errors for a missing PySpark/Java or bad input, exit 2."""
+    from data_processing.spark_util import SparkUnavailableError, require_spark
+
+    try:
+        conf = _spark_conf(args.spark_conf)
+        require_spark()
+        from data_processing import dedup_spark
+
+        report = dedup_spark.run(args.input, args.output, params, master=args.master, conf=conf,
+                                 skip_bad=args.skip_bad, progress=not args.quiet)
+    except (ShardError, SparkUnavailableError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps({k: report[k] for k in ("input", "output", "mb_per_s")}))
     return 0
 

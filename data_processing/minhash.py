@@ -22,6 +22,7 @@ from functools import lru_cache
 import numpy as np
 
 SHINGLE_WORDS = 5
+ALL_PAIRS_MAX_MEMBERS = 64  # LSH buckets up to this size are paired completely, larger ones as a chain
 _P = 0x100000001B3  # odd multiplier of the rolling word hash
 _PINV = pow(_P, -1, 1 << 64)
 _Q = np.uint64(0x9E3779B97F4A7C15)  # combines word hashes into a shingle hash
@@ -173,7 +174,7 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def bucket_pairs(keys: np.ndarray, max_bucket_pairs: int = 64) -> np.ndarray:
+def bucket_pairs(keys: np.ndarray, max_bucket_pairs: int = ALL_PAIRS_MAX_MEMBERS) -> np.ndarray:
     """Candidate pairs ``(i, j), i < j`` of rows sharing a key in any band column, unique.
 
     Members of a bucket are all paired while the bucket has at most ``max_bucket_pairs``

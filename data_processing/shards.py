@@ -9,6 +9,7 @@ under a final name.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -17,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -173,20 +174,27 @@ def _text_stream(path: str, raw) -> io.TextIOBase:
 
 
 def iter_lines(
-    path: str | os.PathLike, start_line: int = 0, progress: Callable[[int], None] | None = None
+    path: str | os.PathLike,
+    start_line: int = 0,
+    *,
+    fileobj: BinaryIO | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, raw_line)`` (1-based) from a shard, skipping ``start_line`` lines.
 
     A corrupt or truncated stream raises ``ShardError`` naming the file and the line at which
-    reading failed. ``progress(n)`` is called with the file bytes read, as they are read.
+    reading failed. With ``fileobj`` the shard's bytes come from that open binary stream (a
+    cluster engine that fetched the file itself) and ``path`` only names it and picks the
+    decompressor from its suffix. ``progress(n)`` is called with the file bytes read, as they
+    are read.
     """
     path = os.fspath(path)
     lineno = 0
     try:
-        with _open_binary(path) as file:
+        opened = contextlib.nullcontext(fileobj) if fileobj is not None else _open_binary(path)
+        with opened as file:
             raw = file if progress is None else io.BufferedReader(_CountingReader(file, progress), 1 << 20)
-            stream = _text_stream(path, raw)
-            with stream:
+            with _text_stream(path, raw) as stream:
                 for lineno, line in enumerate(stream, start=1):  # noqa: B007 (used in except)
                     if lineno <= start_line:
                         continue
@@ -223,11 +231,13 @@ def iter_records(
     skip_bad: bool = False,
     bad: BadRecordCounter | None = None,
     start_line: int = 0,
+    fileobj: BinaryIO | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield records of one shard. Bad lines raise ``ShardError`` naming file:line, or are
-    counted in ``bad`` and skipped when ``skip_bad`` is set. Blank lines are ignored."""
+    counted in ``bad`` and skipped when ``skip_bad`` is set. Blank lines are ignored.
+    ``fileobj``: read the bytes from this stream instead of opening ``path`` (see ``iter_lines``)."""
     path = os.fspath(path)
-    lines = iter_lines(path, start_line=start_line)
+    lines = iter_lines(path, start_line=start_line, fileobj=fileobj)
     while True:
         try:
             lineno, line = next(lines)

@@ -28,15 +28,7 @@ python -m train --config configs/tiny.yaml --set "run.output_dir=$RUN" --set "da
   --set "data.validation_dir=$DATA/validation" --set "tokenizer.path=$TOK" ${EXTRA_SET:-}
 
 say "4/5 evaluation (validation loss and perplexity logged during training)"
-python - "$RUN" <<'PY'
-import sys
-from train.metrics import read_metrics
-evals = [r for r in read_metrics(sys.argv[1]) if "eval_loss" in r]
-for r in evals:
-    print(f"step {r['step']:>5}: eval_loss {r['eval_loss']:.4f}  perplexity {r['perplexity']:.2f}")
-if len(evals) >= 2 and not evals[-1]["eval_loss"] < evals[0]["eval_loss"]:
-    sys.exit("error: validation loss did not fall")
-PY
+python -m train.metrics --run "$RUN" --require-falling
 
 say "5/5 export to a Hugging Face folder, and sample"
 python -m train.export --run "$RUN" --out "$RUN/hf"

@@ -1,19 +1,38 @@
 #!/usr/bin/env bash
-# Create ./.venv (once) and install codeneo with its dev and CPU-torch extras into it.
-# Sourced by quickstart.sh and test.sh; re-installs only when pyproject.toml changed.
+# Create ./.venv (once) and install codeneo with its dev, CPU-torch and Spark extras into it, plus a
+# headless Java runtime for Spark when `java` is missing. Sourced by quickstart.sh and test.sh;
+# re-installs only when pyproject.toml (or the extras list) changed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CODENEO_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
+EXTRAS="dev,torch,spark"
+
+# Spark (the `spark` extra, its tests) runs on a JVM: Java 17 (or 21), headless is enough.
+if ! command -v java >/dev/null 2>&1 && [ -z "${JAVA_HOME:-}" ]; then
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo -n)
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || sudo -n true 2>/dev/null; }; then
+    echo "[setup] no java on PATH: installing openjdk-17-jre-headless with apt-get (for Spark)"
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq openjdk-17-jre-headless >/dev/null \
+      || DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq default-jre-headless >/dev/null
+  else
+    echo "[setup] no java on PATH and no way to install it here (needs apt-get and root or passwordless sudo):" \
+         "install a Java 17 runtime (apt-get install -y openjdk-17-jre-headless) or set JAVA_HOME;" \
+         "the Spark tests fail until then" >&2
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 stamp="$VENV/.codeneo-installed"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+want="$( (cat "$ROOT/pyproject.toml"; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[setup] installing codeneo[dev,torch] into $VENV (first time: a few minutes)"
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,torch]"
+  echo "[setup] installing codeneo[$EXTRAS] into $VENV (first time: a few minutes)"
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

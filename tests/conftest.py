@@ -43,3 +43,15 @@ def tiny_corpus(tmp_path_factory):
     tok = train_bpe((r["text"] for r in records[:110]), vocab_size=512, progress=False)
     save_tokenizer(wrap_fast(tok), root / "tokenizer")
     return root / "data", root / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local Spark session (2 cores, small shuffles, no UI) shared by every Spark test of the
+    session; a missing PySpark or Java fails these tests with the install command."""
+    from data_processing.spark_util import get_session
+
+    session = get_session("local[2]", {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
+                                       "spark.sql.shuffle.partitions": "2"})
+    yield session
+    session.stop()

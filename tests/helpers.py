@@ -37,3 +37,43 @@ def tiny_hf_gpt2(vocab_size: int = 300, seed: int = 0):
     cfg = GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=3, n_head=4, n_positions=64,
                      bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
     return GPT2LMHeadModel(cfg).eval()
+
+
+def byte_level_bpe(texts, vocab_size: int, extra_special: tuple[str, ...] = ()):
+    """A GPT-2 style byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts`` in about a
+    second, with ``<|endoftext|>`` and ``extra_special`` as special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    if extra_special:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra_special])
+    return tok
+
+
+def hf_folder(model, tokenizer_dir, out):
+    """Save a tiny Hugging Face ``model`` with the tokenizer files of ``tokenizer_dir`` into ``out``."""
+    import shutil
+
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def stdlib_texts(limit_bytes: int) -> list[str]:
+    """Texts of the standard library's top-level modules, in name order, until ``limit_bytes``."""
+    import sysconfig
+    from pathlib import Path
+
+    texts, total = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+        total += len(texts[-1])
+        if total >= limit_bytes:
+            break
+    return texts

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
+
 from bench import dedup as bench
 
 
 def test_smallest_benchmark_prints_one_json_line(capsys):
-    out = bench.main(["--quick", "--originals", "10", "--workers", "1"])
+    out = bench.main(["--quick", "--originals", "10", "--workers", "1", "--engines", "local,datasketch"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     parsed = json.loads(last)
     assert parsed == json.loads(json.dumps(out))
@@ -37,3 +39,27 @@ def test_our_engine_precision_and_recall_on_planted_set():
     s = bench.score(cluster, pairs)
     assert s["tp"] + s["fn"] >= 50
     assert s["precision"] >= 0.99 and s["recall"] >= 0.97, s
+
+
+@pytest.mark.spark
+def test_spark_engine_in_benchmark_scores_like_ours(spark, capsys):
+    out = bench.main(["--quick", "--originals", "10", "--workers", "1", "--engines", "local,spark"])
+    parsed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert parsed == json.loads(json.dumps(out)) and "datasketch" not in parsed
+    # The same decisions, so the same score on every labelled pair.
+    for key in ("precision", "recall", "tp", "fp", "fn"):
+        assert parsed["spark"][key] == parsed["ours"][key]
+    assert parsed["spark"]["tp"] > 0 and parsed["spark"]["mb_per_s"] > 0
+    # The session already ran other tests here, so there is nothing to warm up.
+    assert parsed["spark"]["startup_seconds"] >= 0 and parsed["spark"]["warmup_seconds"] >= 0
+
+
+def test_scaling_series_measures_each_engine_in_its_own_process():
+    # Two tiny steps of the local engine and datasketch: sizes grow, memory and times are measured.
+    rows = bench.scaling_series([1, 2], 0.3, ["local", "datasketch"], originals=20)
+    assert [(r["scale"], r["engine"]) for r in rows] == [(1, "local"), (1, "datasketch"), (2, "local"),
+                                                          (2, "datasketch")]
+    assert rows[2]["mb"] >= 0.6 * 0.95 and rows[0]["mb"] >= 0.3 * 0.95 and rows[2]["files"] > rows[0]["files"]
+    for r in rows:
+        assert r["peak_rss_mb"] >= r["driver_rss_mb"] > 10 and r["seconds"] > 0 and r["wall_seconds"] > r["seconds"]
+    assert rows[0]["kept"] <= rows[0]["files"]

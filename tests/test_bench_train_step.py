@@ -42,3 +42,16 @@ def test_quick_with_peer():
     r = _run()
     assert r["peer_tokens_per_second"] > 0 and r["speedup"] > 0
     assert r["peer_transformers_version"].startswith("4.57")
+
+
+@pytest.mark.slow
+def test_quick_sweep_rows_and_chunked_loss_saves_memory():
+    r = _run("--no-peer", "--sweep")
+    rows = {row["variant"]: row for row in r["sweep"]}
+    assert list(rows) == ["baseline", "attention dot_product", "remat full", "remat dots", "loss chunk 16"]
+    assert rows["baseline"]["relative"] == 1.0
+    for row in rows.values():
+        assert row["tokens_per_second"] > 0 and row["compile_time_s"] > 0 and row["temp_bytes"] > 0
+        assert row["relative"] == pytest.approx(row["tokens_per_second"] / rows["baseline"]["tokens_per_second"])
+    # The point of the chunked loss: the [B, T, V] fp32 logits are never materialised at once.
+    assert rows["loss chunk 16"]["temp_bytes"] < rows["baseline"]["temp_bytes"]

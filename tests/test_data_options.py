@@ -2,7 +2,6 @@
 fill-in-the-middle, sliding-window packing, and the padding-aware loss they rely on."""
 
 import json
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -13,35 +12,17 @@ from data_processing.loader import TokenLoader, validation_batches
 from data_processing.packing import DocumentEncoder, EncodeOptions, control_token, cut_windows
 from data_processing.shards import write_shard
 from data_processing.sources import Document
+from tests.helpers import byte_level_bpe, stdlib_texts
 
 LANGS = ["Python", "Shell"]
-
-
-def _texts(limit: int) -> list[str]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    out, total = [], 0
-    for path in sorted(stdlib.glob("*.py")):
-        out.append(path.read_text(encoding="utf-8", errors="replace"))
-        total += len(out[-1])
-        if total > limit:
-            return out
-    return out
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
     """A 600-token byte-level BPE with the control codes of two languages and the FIM sentinels
     as special tokens (what ``train.vocab.prepare_tokenizer`` adds for a run)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_texts(200_000), trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in [control_token(x) for x in LANGS] + list(FIM_TOKENS)])
+    tok = byte_level_bpe(stdlib_texts(200_000), 600, tuple(control_token(x) for x in LANGS) + FIM_TOKENS)
     out = tmp_path_factory.mktemp("tok")
     tok.save(str(out / "tokenizer.json"))
     return out
@@ -55,7 +36,7 @@ def tok(tok_dir):
 
 
 def _docs(n: int, seed: int = 0) -> list[str]:
-    source = "".join(_texts(150_000))
+    source = "".join(stdlib_texts(150_000))
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -255,10 +236,12 @@ def test_loss_ignores_padding_and_accumulation_weights_real_tokens():
     full = rng.integers(0, 64, (2, 17)).astype(np.int32)
     padded = full.copy()
     padded[0, 9:] = -1  # row 0 keeps 9 tokens: 8 labels
-    real = step.loss_fn(params, jnp.asarray(padded), cfg.model)
-    trimmed_sum, _ = step.loss_sum_fn(params, jnp.asarray(full[:1, :9]), cfg.model)
-    other_sum, _ = step.loss_sum_fn(params, jnp.asarray(full[1:]), cfg.model)
+    loss_fn = jax.jit(step.loss_fn, static_argnums=2)  # compiled: eager flax is slow on CPU
+    loss_sum_fn = jax.jit(step.loss_sum_fn, static_argnums=2)
+    real = loss_fn(params, jnp.asarray(padded), cfg.model)
+    trimmed_sum, _ = loss_sum_fn(params, jnp.asarray(full[:1, :9]), cfg.model)
+    other_sum, _ = loss_sum_fn(params, jnp.asarray(full[1:]), cfg.model)
     assert float(real) == pytest.approx(float((trimmed_sum + other_sum) / (8 + 16)), rel=1e-5)
-    assert float(real) != pytest.approx(float(step.loss_fn(params, jnp.asarray(full), cfg.model)), rel=1e-3)
+    assert float(real) != pytest.approx(float(loss_fn(params, jnp.asarray(full), cfg.model)), rel=1e-3)
     chunked = tiny_config("model.vocab_size=64", "model.compute_dtype=float32", "model.loss_chunk_size=5")
-    assert float(step.loss_fn(params, jnp.asarray(padded), chunked.model)) == pytest.approx(float(real), rel=1e-5)
+    assert float(loss_fn(params, jnp.asarray(padded), chunked.model)) == pytest.approx(float(real), rel=1e-5)

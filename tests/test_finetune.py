@@ -6,14 +6,13 @@ gives back the same family with bit-identical weights."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers import tiny_hf_gpt2, tiny_hf_gpt_neo
+from tests.helpers import hf_folder, tiny_hf_gpt2, tiny_hf_gpt_neo
 
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "HF_HUB_OFFLINE": "1",
        "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu"}
@@ -30,10 +29,7 @@ def _run(*args):
 def test_init_from_generate_and_export_contract(tiny_corpus, tmp_path, make_hf):
     _, tok_dir = tiny_corpus
     hf = make_hf(vocab_size=512)
-    hf_dir = tmp_path / "hf"
-    hf.save_pretrained(hf_dir)
-    for f in tok_dir.iterdir():
-        shutil.copy(f, hf_dir / f.name)
+    hf_dir = hf_folder(hf, tok_dir, tmp_path / "hf")
     run = tmp_path / "run"
     _run("-m", "train", "--config", "configs/tiny.yaml", "--set", f"model.init_from={hf_dir}",
          "--set", "train.max_steps=0", "--set", f"run.output_dir={run}", "--set", "logging.wandb_mode=disabled",
@@ -79,10 +75,7 @@ def test_control_codes_and_fim_grow_the_vocabulary_from_a_checkpoint(tiny_corpus
 
     _, tok_dir = tiny_corpus
     hf = tiny_hf_gpt2(vocab_size=512)
-    hf_dir = tmp_path / "hf"
-    hf.save_pretrained(hf_dir)
-    for f in tok_dir.iterdir():
-        shutil.copy(f, hf_dir / f.name)
+    hf_dir = hf_folder(hf, tok_dir, tmp_path / "hf")
     run = tmp_path / "run"
     args = ["-m", "train", "--config", "configs/tiny.yaml", "--set", f"model.init_from={hf_dir}",
             "--set", f"run.output_dir={run}", "--set", "logging.wandb_mode=disabled", "--set", "tokenizer.path=",

@@ -4,7 +4,6 @@ validation stream and bad input. Everything runs on tiny local shards and a tiny
 from __future__ import annotations
 
 import json
-import sysconfig
 from collections import Counter
 from pathlib import Path
 
@@ -13,37 +12,16 @@ import pytest
 
 from data_processing.loader import HFDatasetSource, TokenLoader, validation_batches
 from data_processing.shards import ShardError, write_shard
+from tests.helpers import byte_level_bpe, stdlib_texts
 
 BLOCK = 64
 BATCH = 4
 
 
-def _stdlib_texts(limit_bytes: int) -> list[str]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts, total = [], 0
-    for path in sorted(stdlib.glob("*.py")):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        texts.append(text)
-        total += len(text)
-        if total >= limit_bytes:
-            break
-    return texts
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE (vocab 1000) trained in under a second on some stdlib source."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(_stdlib_texts(300_000), trainer)
+    tok = byte_level_bpe(stdlib_texts(300_000), 1000)
     out = tmp_path_factory.mktemp("tok")
     tok.save(str(out / "tokenizer.json"))
     return out
@@ -63,7 +41,7 @@ def eos(tok) -> int:
 
 def _documents(n: int) -> list[str]:
     """``n`` distinct documents of varied length (a numbered header + a slice of stdlib code)."""
-    source = "".join(_stdlib_texts(200_000))
+    source = "".join(stdlib_texts(200_000))
     rng = np.random.default_rng(0)
     docs = []
     for i in range(n):

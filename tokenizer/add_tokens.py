@@ -27,14 +27,14 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken
 
-from tokenizer.train_tokenizer import TokenizerError, load_tokenizer, replace_dir, write_tokenizer_files
+from data_processing.atomic import atomic_dir
+from tokenizer.train_tokenizer import TokenizerError, load_tokenizer, write_tokenizer_files
 
 # Code Clippy's list: two tabs, and runs of 2, 4 and 8 spaces.
 DEFAULT_WHITESPACE_TOKENS = ["\t\t", "  ", "    ", "        "]
@@ -316,16 +316,10 @@ def _copy_or_keep(src: Path, out: Path, tok=None) -> None:
     """Nothing to add: leave ``src`` as is, or copy it (plus ``tok``) to a different ``out``."""
     if src.resolve() == out.resolve() and tok is None:
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         if tok is not None:
             write_tokenizer_files(tok, tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run(
@@ -363,9 +357,7 @@ def run(
     summary["added"] = dict(zip(new, ids, strict=True))
     summary["init_row"] = tab_id
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         if hf_model_dir is not None:
             from transformers import AutoModelForCausalLM
 
@@ -399,10 +391,6 @@ def run(
         if report_data is not None:
             summary["report"] = report(before, tok, report_data, report_max_bytes, new, progress)
             (tmp / "report.json").write_text(json.dumps(summary["report"], indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 

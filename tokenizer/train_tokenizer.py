@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from data_processing.atomic import atomic_dir
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_MODEL_MAX_LENGTH = 2048  # GPT-Neo's context length
@@ -230,31 +230,9 @@ def save_tokenizer(fast, out: str | os.PathLike) -> Path:
     An existing ``out`` is replaced only after the new folder is complete.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         write_tokenizer_files(fast, tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder ``tmp`` to ``out``, replacing ``out`` if it exists."""
-    # mkdtemp makes the folder owner-only; give it the permissions a plain mkdir would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from data_processing.atomic import atomic_dir
 from train import convert
 from train.config import ModelConfig
 
@@ -46,9 +45,7 @@ def save_hf_folder(out: str | os.PathLike, cfg: ModelConfig, params, *, tokenize
     from transformers import AutoConfig
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         sd = convert.params_to_hf(params, cfg)
         if cfg.tie_word_embeddings:
             sd.pop("lm_head.weight")  # transformers re-ties it to wte on load
@@ -61,15 +58,4 @@ def save_hf_folder(out: str | os.PathLike, cfg: ModelConfig, params, *, tokenize
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

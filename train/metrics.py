@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,25 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m train.metrics --run RUN [--require-falling]``: print the run's evaluations;
+    with ``--require-falling`` exit 1 unless the last validation loss is below the first."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m train.metrics", description="a run's validation losses")
+    ap.add_argument("--run", required=True, help="run directory")
+    ap.add_argument("--require-falling", action="store_true", help="fail unless the validation loss fell")
+    args = ap.parse_args(argv)
+    evals = [r for r in read_metrics(args.run) if "eval_loss" in r]
+    for r in evals:
+        print(f"step {r['step']:>5}: eval_loss {r['eval_loss']:.4f}  perplexity {r['perplexity']:.2f}")
+    if args.require_falling and not (len(evals) >= 2 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]):
+        print(f"error: {args.run}: validation loss did not fall ({len(evals)} evaluations)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

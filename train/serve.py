@@ -3,14 +3,22 @@
 FastAPI + uvicorn. One background worker thread owns the model and drains a bounded queue:
 requests that arrive while a batch runs join the next one. Requests with the same sampling
 settings (temperature, top_p, max_tokens bucket; and seed when sampling) share a batch, padded
-to a batch size in ``BATCH_BUCKETS`` with dummy rows; ``max_tokens`` is rounded up to a bucket in
-``TOKEN_BUCKETS`` and cut afterwards, and prompts are padded to 32-token buckets by
-``generate_ids``: the set of compiled shapes stays small. Greedy results equal
+to a batch size in ``BATCH_BUCKETS`` with dummy rows; the KV cache has room for the
+``max_tokens`` bucket (``TOKEN_BUCKETS``) and each row stops at its own ``max_tokens``; prompts
+are padded to 32-token buckets: the set of compiled shapes stays small. Greedy results equal
 ``python -m train.generate --temperature 0``.
 
-``stream: true`` sends the finished completion as server-sent events, one event per token
-(generation itself is one compiled call). ``suffix`` (fill-in-the-middle) is refused with 400:
-no codeneo config trains with FIM yet.
+A batch decodes in compiled segments of ``SEGMENT_TOKENS`` tokens (``train.generate.
+SegmentDecoder``). After each segment the worker detokenizes every row, checks its stop strings,
+hands new text to streaming requests (``stream: true``: one server-sent event per segment and
+choice) and ends rows that are done; the batch stops when every row has hit EOS, a stop string
+or its ``max_tokens``. Text is only sent once it can no longer change (``RowText``): an
+incomplete UTF-8 character or a possible start of a stop string is held back, so the streamed
+chunks add up to exactly the non-streamed text.
+
+``suffix`` (fill-in-the-middle) is answered when the tokenizer has the FIM sentinels of
+``data_processing/fim.py`` (``<|fim_prefix|>prompt<|fim_suffix|>suffix<|fim_middle|>``, the
+completion is the middle); other models answer 400 naming ``suffix``.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +42,7 @@ TOKEN_BUCKETS = (16, 64, 256)
 
 
 def bucket(n: int, buckets) -> int:
+    """The smallest bucket that holds ``n`` (``n`` itself beyond the largest)."""
     for b in buckets:
         if n <= b:
             return b
@@ -41,16 +51,99 @@ def bucket(n: int, buckets) -> int:
 
 @dataclass
 class Job:
+    """One completion (one prompt, one of its ``n`` choices) waiting for the worker. ``future``
+    resolves to a ``Completion``; ``on_text``, when set, is called from the worker thread with
+    each new piece of text as soon as it is final (streaming)."""
+
     ids: list[int]
     max_tokens: int
     temperature: float
     top_p: float
     seed: int
+    stops: list[str] = field(default_factory=list)
+    on_text: Callable[[str], None] | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
     def key(self):
         bucket_n = bucket(self.max_tokens, TOKEN_BUCKETS)
         return (self.temperature, self.top_p, bucket_n, self.seed if self.temperature > 0 else None)
+
+
+@dataclass
+class Completion:
+    """A finished choice: its text (cut before a stop string, EOS dropped), why it ended
+    (``stop``: EOS or a stop string; ``length``: ``max_tokens``) and how many tokens it used."""
+
+    text: str
+    finish_reason: str
+    tokens: int
+
+
+class RowText:
+    """The text of one generated row as its tokens arrive, and how much of it is final.
+
+    ``feed`` returns the text that became final since the previous call. Until the row ends, it
+    holds back replacement characters at the end (an incomplete UTF-8 character of byte-level
+    BPE, completed by the next token) and any tail that could be the start of a stop string; so
+    everything handed out is a prefix of the final text. A stop string ends the row as soon as
+    no earlier-starting stop string could still complete: the same cut as generating to
+    ``max_tokens`` and cutting the text before the first stop string.
+    """
+
+    def __init__(self, tok, stops: list[str], eos: int | None):
+        self.tok, self.stops, self.eos = tok, [s for s in stops if s], eos
+        self.ids: list[int] = []
+        self.sent = ""
+        self.result: Completion | None = None  # set once the row has ended
+
+    def _text(self, ids: list[int], final: bool) -> str:
+        from train.generate import decode_text
+
+        text = decode_text(self.tok, ids, self.eos)
+        return text if final else text.rstrip("\ufffd")
+
+    def _first_stop(self, text: str) -> tuple[int, int] | None:
+        """(start, end) of the earliest stop string in ``text``, or None."""
+        hits = [(i, i + len(s)) for s in self.stops if (i := text.find(s)) >= 0]
+        return min(hits) if hits else None
+
+    def _open_start(self, text: str) -> int:
+        """Where the earliest tail of ``text`` that a stop string could still complete begins
+        (``len(text)`` when there is none)."""
+        for i in range(max(0, len(text) - max((len(s) for s in self.stops), default=0)), len(text)):
+            if any(s.startswith(text[i:]) for s in self.stops):
+                return i
+        return len(text)
+
+    def feed(self, new_ids: list[int], ended: bool) -> str:
+        """Add the row's new ids (``ended``: the decoder finished the row: EOS or ``max_tokens``);
+        the newly final text. When the row ends (here or at a stop string) ``result`` is set."""
+        if self.result is not None:
+            return ""
+        self.ids.extend(new_ids)
+        text = self._text(self.ids, ended)
+        stop = self._first_stop(text)
+        if stop is not None and (ended or self._open_start(text) >= stop[0]):
+            final = text[: stop[0]]
+            # The fewest tokens whose text already holds the stop string: what the row used.
+            lo, hi = 1, len(self.ids)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if len(self._text(self.ids[:mid], False)) >= stop[1]:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            self.result = Completion(final, "stop", lo)
+        elif ended:
+            final = text
+            hit_eos = self.eos is not None and self.eos in self.ids
+            self.result = Completion(final, "stop" if hit_eos else "length", len(self.ids))
+        else:
+            final = text[: min(self._open_start(text), stop[0] if stop else len(text))]
+        if not final.startswith(self.sent):  # cannot happen: byte-level BPE decodes prefix-consistently
+            raise RuntimeError(f"streamed text {self.sent!r} is not a prefix of {final!r}")
+        delta, self.sent = final[len(self.sent):], final
+        return delta
 
 
 def _settle(future: concurrent.futures.Future, result=None, exc: BaseException | None = None) -> None:
@@ -68,22 +161,28 @@ class Engine:
     """The model, a bounded queue and the worker thread that batches queued jobs."""
 
     def __init__(self, cfg, params, tokenizer, *, queue_size: int = 64, max_batch: int = 16):
+        from train.generate import fim_sentinels
+
         self.cfg, self.params, self.tok = cfg, params, tokenizer
         self.eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         if not isinstance(self.eos, int) or self.eos < 0 or self.eos >= cfg.vocab_size:
             self.eos = None
+        self.fim = fim_sentinels(tokenizer, cfg) is not None  # trained with fill-in-the-middle
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self.max_batch = max_batch
         self.batches = 0
+        self.segments = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="codeneo-engine", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> concurrent.futures.Future:
-        self.queue.put_nowait(job)  # raises queue.Full
+        """Queue a job (raises ``queue.Full``); its future resolves to a ``Completion``."""
+        self.queue.put_nowait(job)
         return job.future
 
     def close(self):
+        """Stop the worker after the batch it is running."""
         self._stop.set()
         self._thread.join(timeout=30)
 
@@ -111,48 +210,42 @@ class Engine:
                         traceback.print_exc()
 
     def _run_batch(self, key, jobs: list[Job]):
-        from train.generate import generate_ids
+        from train import generate
 
         temperature, top_p, n_tokens, _ = key
         size = bucket(len(jobs), [b for b in BATCH_BUCKETS if b <= self.max_batch] + [self.max_batch])
-        prompts = [j.ids for j in jobs] + [jobs[0].ids] * (size - len(jobs))
-        limit = self.cfg.max_position_embeddings
-        n_tokens = min(n_tokens, limit - max(len(p) for p in prompts))
+        pad = size - len(jobs)
+        rows = [RowText(self.tok, j.stops, self.eos) for j in jobs]
         try:
-            out = generate_ids(self.cfg, self.params, prompts, max_new_tokens=n_tokens, temperature=temperature,
-                               top_p=top_p, seed=jobs[0].seed, eos_id=self.eos)
+            # Dummy rows (limit 0) only fill the batch to its bucket; each real row stops at its own
+            # max_tokens, the cache has room for the bucket's.
+            dec = generate.SegmentDecoder(self.cfg, self.params, [j.ids for j in jobs] + [jobs[0].ids] * pad,
+                                          max_new_tokens=n_tokens, temperature=temperature, top_p=top_p,
+                                          seed=jobs[0].seed, eos_id=self.eos,
+                                          row_limits=[j.max_tokens for j in jobs] + [0] * pad)
+            while True:
+                for b, (job, row) in enumerate(zip(jobs, rows, strict=True)):
+                    if row.result is None and job.future.cancelled():  # client gone, timed out: no more steps
+                        dec.finish(b)
+                        row.result = Completion(row.sent, "cancelled", len(row.ids))
+                if dec.finished:
+                    break
+                gained = dec.step()
+                self.segments += 1
+                for b, (job, row) in enumerate(zip(jobs, rows, strict=True)):
+                    if row.result is not None:
+                        continue
+                    delta = row.feed(gained[b], dec.done[b])
+                    if delta and job.on_text is not None:
+                        job.on_text(delta)
+                    if row.result is not None:
+                        dec.finish(b, keep=row.result.tokens)
+                        _settle(job.future, row.result)
         except Exception as err:  # noqa: BLE001 - the error goes to the waiting requests
             for j in jobs:
                 _settle(j.future, exc=err)
             return
         self.batches += 1
-        for j, row in zip(jobs, out, strict=False):
-            _settle(j.future, row[: j.max_tokens])
-
-    def decode(self, ids: list[int]) -> tuple[list[str], bool]:
-        """Per-token text pieces (prefix-consistent) and whether EOS ended the row."""
-        hit_eos = self.eos is not None and self.eos in ids
-        ids = [t for t in ids if t != self.eos]
-        pieces, prev = [], ""
-        for i in range(1, len(ids) + 1):
-            text = self.tok.decode(ids[:i])
-            if text.startswith(prev):
-                pieces.append(text[len(prev):])
-                prev = text
-        full = self.tok.decode(ids)
-        if full != prev:
-            pieces.append(full[len(prev):] if full.startswith(prev) else full)
-        return pieces, hit_eos
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """Text cut before the first occurrence of any stop string (OpenAI semantics)."""
-    best = None
-    for s in stops:
-        i = text.find(s) if s else -1
-        if i >= 0 and (best is None or i < best):
-            best = i
-    return (text, False) if best is None else (text[:best], True)
 
 
 class CompletionRequest(BaseModel):
@@ -167,11 +260,16 @@ class CompletionRequest(BaseModel):
     n: int = 1
     stream: bool = False
     seed: int | None = None
+    language: str | None = None  # not OpenAI's: the control code to prepend (data.control_codes models)
 
 
 def create_app(engine: Engine, *, model_name: str = "codeneo", api_key: str | None = None,
                max_prompt_tokens: int | None = None, max_tokens_limit: int = 256, max_n: int = 16,
                request_timeout: float = 60.0):
+    """The FastAPI app over ``engine``: ``/health``, ``/v1/models``, ``/v1/completions``. Bad
+    requests get 400/422 naming the field, a full queue 429, a request not answered within
+    ``request_timeout`` s 504 (a stream that makes no progress for that long ends with an
+    error event)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -201,7 +299,8 @@ def create_app(engine: Engine, *, model_name: str = "codeneo", api_key: str | No
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queued": engine.queue.qsize(), "batches": engine.batches}
+        return {"status": "ok", "queued": engine.queue.qsize(), "batches": engine.batches,
+                "segments": engine.segments, "fill_in_the_middle": engine.fim}
 
     @app.get("/v1/models")
     async def models():
@@ -210,8 +309,12 @@ def create_app(engine: Engine, *, model_name: str = "codeneo", api_key: str | No
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        if req.suffix:
-            return error(400, "suffix: this model was not trained with fill-in-the-middle", "suffix")
+        from train.generate import NOT_FIM, encode_prompt
+
+        # An empty suffix asks nothing of a model without FIM; a FIM model infills before it.
+        suffix = req.suffix if req.suffix or (engine.fim and req.suffix is not None) else None
+        if suffix is not None and not engine.fim:
+            return error(400, f"suffix: {NOT_FIM}", "suffix")
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not prompts:
             return error(400, "prompt: empty list", "prompt")
@@ -228,18 +331,33 @@ def create_app(engine: Engine, *, model_name: str = "codeneo", api_key: str | No
             return error(400, "stop: at most 4 stop strings", "stop")
         encoded = []
         for p in prompts:
-            ids = engine.tok.encode(p) if p else []
+            try:
+                ids = encode_prompt(engine.tok, p, suffix, engine.cfg, language=req.language) \
+                    if p or suffix is not None else []
+            except ValueError as err:
+                return error(400, str(err), "language")
             if not ids:
                 ids = [engine.eos] if engine.eos is not None else []
             if not ids:
                 return error(400, "prompt: empty", "prompt")
             if len(ids) > max_prompt_tokens or len(ids) + req.max_tokens > positions:
-                return error(400, f"prompt: {len(ids)} tokens + max_tokens {req.max_tokens} exceed the limit "
-                                  f"({max_prompt_tokens} prompt tokens, {positions} positions)", "prompt")
+                what = "prompt and suffix" if suffix is not None else "prompt"
+                return error(400, f"prompt: {what}: {len(ids)} tokens + max_tokens {req.max_tokens} exceed the "
+                                  f"limit ({max_prompt_tokens} prompt tokens, {positions} positions)", "prompt")
             encoded.append(ids)
         seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
-        jobs = [Job(ids, req.max_tokens, req.temperature, req.top_p, seed + k)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()  # (choice index, new text | finished future), streaming only
+
+        def emitter(index: int):
+            # Called on the worker thread: hand the text to the event loop that serves the stream.
+            return lambda text: loop.call_soon_threadsafe(events.put_nowait, (index, text))
+
+        jobs = [Job(ids, req.max_tokens, req.temperature, req.top_p, seed + k, stops)
                 for ids in encoded for k in range(req.n)]
+        if req.stream:
+            for i, j in enumerate(jobs):
+                j.on_text = emitter(i)
         futures = []
         try:
             for j in jobs:
@@ -248,48 +366,65 @@ def create_app(engine: Engine, *, model_name: str = "codeneo", api_key: str | No
             for f in futures:
                 f.cancel()
             return error(429, "server busy: request queue is full, retry later", None, "rate_limit_error")
-        try:
-            rows = await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)),
-                                          timeout=request_timeout)
-        except TimeoutError:
-            return error(504, f"request timed out after {request_timeout} s", None, "timeout")
-        except ValueError as err:
-            return error(400, str(err), None)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        choices, completion_tokens = [], 0
-        for i, row in enumerate(rows):
-            pieces, hit_eos = engine.decode(row)
-            text, stopped = cut_at_stop("".join(pieces), stops)
-            completion_tokens += len(row)
-            reason = "stop" if stopped or hit_eos else "length"
-            choices.append({"text": text, "index": i, "logprobs": None, "finish_reason": reason,
-                            "_pieces": pieces})
-        usage = {"prompt_tokens": sum(len(e) for e in encoded) * req.n, "completion_tokens": completion_tokens,
-                 "total_tokens": sum(len(e) for e in encoded) * req.n + completion_tokens}
-        base = {"id": rid, "object": "text_completion", "created": created, "model": req.model or model_name}
+        base = {"id": rid, "object": "text_completion", "created": int(time.time()),
+                "model": req.model or model_name}
+        prompt_tokens = sum(len(e) for e in encoded) * req.n
         if not req.stream:
-            for c in choices:
-                c.pop("_pieces")
-            return {**base, "choices": choices, "usage": usage}
+            try:
+                done = await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)),
+                                              timeout=request_timeout)
+            except TimeoutError:
+                for f in futures:  # the worker drops rows nobody waits for
+                    f.cancel()
+                return error(504, f"request timed out after {request_timeout} s", None, "timeout")
+            except ValueError as err:
+                return error(400, str(err), None)
+            choices = [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
+                       for i, c in enumerate(done)]
+            completion_tokens = sum(c.tokens for c in done)
+            return {**base, "choices": choices,
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}}
 
-        def events():
-            for c in choices:
-                sent = ""
-                for piece in c["_pieces"]:
-                    if len(sent) >= len(c["text"]):
-                        break
-                    piece = c["text"][len(sent):len(sent) + len(piece)]
-                    sent += piece
-                    chunk = {**base, "choices": [{"text": piece, "index": c["index"], "logprobs": None,
-                                                  "finish_reason": None}]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                chunk = {**base, "choices": [{"text": "", "index": c["index"], "logprobs": None,
-                                              "finish_reason": c["finish_reason"]}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
+        for i, f in enumerate(futures):
+            f.add_done_callback(lambda f, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, f)))
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        def chunk(index: int, text: str, finish_reason: str | None) -> str:
+            body = {**base, "choices": [{"text": text, "index": index, "logprobs": None,
+                                         "finish_reason": finish_reason}]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def sse():
+            open_choices = len(futures)
+            try:
+                while open_choices:
+                    try:
+                        index, item = await asyncio.wait_for(events.get(), timeout=request_timeout)
+                    except TimeoutError:
+                        # Headers are sent: the error can only travel as an event.
+                        err = {"message": f"no progress for {request_timeout} s", "type": "timeout",
+                               "param": None, "code": None}
+                        yield f"data: {json.dumps({'error': err})}\n\n"
+                        return
+                    if isinstance(item, str):
+                        yield chunk(index, item, None)
+                        continue
+                    open_choices -= 1
+                    if item.cancelled():
+                        return
+                    if item.exception() is not None:
+                        err = {"message": str(item.exception()), "type": "server_error", "param": None,
+                               "code": None}
+                        yield f"data: {json.dumps({'error': err})}\n\n"
+                        return
+                    yield chunk(index, "", item.result().finish_reason)
+                yield "data: [DONE]\n\n"
+            finally:
+                for f in futures:  # client gone or stream over: nothing left for the worker to do
+                    f.cancel()
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
 
     return app
 

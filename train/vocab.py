@@ -11,12 +11,12 @@ rows initialised from the mean of the existing rows; old rows are unchanged.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from data_processing.atomic import atomic_dir
 from data_processing.fim import FIM_TOKENS
 from data_processing.languages import LANGUAGES
 from data_processing.packing import control_token
@@ -41,7 +41,7 @@ def prepare_tokenizer(cfg: C.Config, run_dir: str | Path) -> C.Config:
     ``cfg`` with ``tokenizer.path`` set to it. Adding is deterministic, so a resumed run
     rewrites the same files."""
     from tokenizer.add_tokens import AddTokensError, add_to_tokenizer, plan_added_tokens
-    from tokenizer.train_tokenizer import TokenizerError, load_tokenizer, replace_dir, write_tokenizer_files
+    from tokenizer.train_tokenizer import TokenizerError, load_tokenizer, write_tokenizer_files
 
     needed = special_tokens_for(cfg.data)
     if not needed:
@@ -57,14 +57,8 @@ def prepare_tokenizer(cfg: C.Config, run_dir: str | Path) -> C.Config:
     add_to_tokenizer(tok, new, special=True)
     out = Path(run_dir).absolute() / "tokenizer"
     if jax.process_index() == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             write_tokenizer_files(tok, tmp)
-            replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -103,7 +97,7 @@ def add_tokens_to_run(run_dir: str | Path, tokens: list[str], out: str | Path | 
     the grown checkpoint with its loader state, so ``python -m train --config OUT/config.yaml``
     continues training. Returns ``{"added": {token: id}, "skipped": [...], "step": step}``."""
     from tokenizer.add_tokens import add_to_tokenizer, plan_added_tokens, tab_token_id
-    from tokenizer.train_tokenizer import load_tokenizer, replace_dir, write_tokenizer_files
+    from tokenizer.train_tokenizer import load_tokenizer, write_tokenizer_files
     from train.checkpoint import Checkpointer
     from train.trainer import restore_state
 
@@ -132,9 +126,7 @@ def add_tokens_to_run(run_dir: str | Path, tokens: list[str], out: str | Path | 
     step = int(meta["step"])
     summary["step"] = step
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for item in run_dir.iterdir():  # metrics, reports, ... (not the checkpoints or tokenizer)
             if item.name not in ("checkpoints", "tokenizer", "config.yaml") and not item.name.startswith("."):
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
@@ -145,11 +137,7 @@ def add_tokens_to_run(run_dir: str | Path, tokens: list[str], out: str | Path | 
             ckpt.save(step, grown, loader_states, {**meta, "config": C.to_dict(new_cfg)}, force=True)
         finally:
             ckpt.close()
-        # The saved config names OUT; orbax recorded no absolute paths, so the folder can move.
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # The saved config names OUT; orbax records no absolute paths, so the folder can move.
     return summary
 
 
