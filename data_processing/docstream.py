@@ -2,12 +2,26 @@
 hosts, through a seeded shuffle buffer.
 
 Everything that decides *which document comes next* lives here, in one thread of the main
-process, so the order never depends on worker timing. The state is positions, not text:
+process, so the order never depends on worker timing. Two ways to split an epoch between
+``P`` hosts (``host_split``), both disjoint and together covering every document:
 
-* ``epoch``, and the reading position ``unit`` (index in this epoch's unit order) / ``line``;
+* ``"shards"``: every epoch's seeded unit order (the same on every host) is dealt round-robin,
+  host ``i`` reading the units ``order[(i + epoch) % P :: P]`` whole and nothing else, so no
+  host opens, decompresses or parses another host's shards. Needs at least ``P`` units. A host
+  gets ``floor(N/P)`` or ``ceil(N/P)`` of the ``N`` shards in one epoch (``prepare`` writes
+  equal-size shards); the ``+ epoch`` turns who gets the extra ones, so over any ``P``
+  consecutive epochs every host reads the same number of shards;
+* ``"lines"``: every host reads every unit and owns the lines whose epoch-global index is
+  ``i`` modulo ``P``: balanced to one document even with a single shard, but each host scans
+  (and skips) the other hosts' lines.
+
+The state is positions, not text:
+
+* ``epoch``, and the reading position ``unit`` (index in this host's unit order of the epoch)
+  / ``line``;
 * ``line_base``: lines in the earlier units of this epoch. Line ``l`` of the current unit has
-  the epoch-global index ``line_base + l``, and host ``i`` of ``P`` owns exactly the lines with
-  ``index % P == i``: hosts never share a document and stay balanced even with one shard;
+  the epoch-global index ``line_base + l`` (``"lines"`` split: host ``i`` owns the lines with
+  ``index % P == i``);
 * ``emitted``: documents that left the buffer this epoch. The shuffle buffer draws its random
   numbers from a counter-based stream keyed by ``(seed, epoch, host, emitted // 1024)``, so no
   generator state has to be saved;
@@ -25,7 +39,13 @@ from data_processing.shards import BadRecordCounter, ShardError
 from data_processing.sources import Document
 
 EPOCH_END = object()  # returned once by ``next_doc`` after the last document of each epoch
+HOST_SPLITS = ("lines", "shards")
 _RAND_BLOCK = 1024
+
+
+def epoch_start(epoch: int) -> dict[str, Any]:
+    """The ``DocStream`` state at the start of ``epoch`` (empty shuffle buffer)."""
+    return {"epoch": int(epoch), "unit": 0, "line": 0, "line_base": 0, "emitted": 0, "buffer": []}
 
 
 class DocStream:
@@ -44,9 +64,18 @@ class DocStream:
         bad: BadRecordCounter | None = None,
         max_epochs: int | None = None,
         state: dict[str, Any] | None = None,
+        host_split: str = "lines",
     ):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if host_split not in HOST_SPLITS:
+            raise ValueError(f"host_split: expected one of {', '.join(HOST_SPLITS)}, got {host_split!r}")
+        if host_split == "shards" and len(source) < process_count:
+            raise ValueError(
+                f"host_split='shards' needs at least as many shards as hosts: {len(source)} shard(s) for "
+                f"{process_count} hosts (use 'lines')"
+            )
+        self.host_split = host_split
         self.source = source
         self.seed = int(seed)
         self.shuffle_buffer = max(1, int(shuffle_buffer))
@@ -60,7 +89,7 @@ class DocStream:
         self._lines = None
         self._rand_key: tuple[int, int] | None = None
         self._rand: np.ndarray | None = None
-        state = state or {"epoch": 0, "unit": 0, "line": 0, "line_base": 0, "emitted": 0, "buffer": []}
+        state = state or epoch_start(0)
         self.epoch = int(state["epoch"])
         self.unit = int(state["unit"])
         self.line = int(state["line"])
@@ -84,15 +113,20 @@ class DocStream:
         }
 
     def _unit_order(self, epoch: int) -> list[int]:
+        """This host's units of ``epoch``, in reading order (source unit indices)."""
         n = len(self.source)
         if not self.shuffle_units:
-            return list(range(n))
-        # Same on every host (no process index in the key): hosts must agree on global indices.
-        return [int(i) for i in np.random.default_rng([self.seed, epoch, 1]).permutation(n)]
+            order = list(range(n))
+        else:
+            # Same on every host (no process index in the key): hosts must agree on global indices.
+            order = [int(i) for i in np.random.default_rng([self.seed, epoch, 1]).permutation(n)]
+        if self.host_split == "shards":
+            return order[(self.process_index + epoch) % self.process_count :: self.process_count]
+        return order
 
     def _owned(self, line_base: int):
         count, index = self.process_count, self.process_index
-        if count == 1:
+        if count == 1 or self.host_split == "shards":
             return lambda _line: True
         # Lines are 1-based; the epoch-global index is 0-based so host 0 gets the first document.
         return lambda line: (line_base + line - 1) % count == index

@@ -4,7 +4,8 @@ Pipeline (one background thread in the host process, plus tokenizer worker proce
 
     DocStream (seeded order, host split, shuffle buffer)      main process, one thread
       -> chunks of ``tokenize_batch`` documents, each tagged with the stream state before it
-      -> tokenized in worker processes, results taken back in submission order
+      -> tokenized in worker processes, results taken back in submission order (with a token
+         cache: token arrays read by position, joined in the loader thread; see token_cache.py)
       -> Packer: EOS-joined token stream cut into [batch, block_size + 1] windows
       -> bounded prefetch queue -> ``next(loader)``
 
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from data_processing.docstream import EPOCH_END, DocStream
+from data_processing.docstream import EPOCH_END, HOST_SPLITS, DocStream, epoch_start
 from data_processing.packing import (
     DocumentEncoder,
     EncodeOptions,
@@ -43,6 +44,7 @@ from data_processing.packing import (
 )
 from data_processing.shards import BadRecordCounter
 from data_processing.sources import HFDatasetSource, ShardSource, make_source
+from data_processing.token_cache import CachedShardSource, TokenCache
 
 __all__ = ["EncodeOptions", "HFDatasetSource", "LoaderState", "ShardSource", "TokenLoader", "validation_batches"]
 
@@ -105,11 +107,18 @@ class TokenLoader:
 
     ``source``: a shard directory / glob / fsspec URL / list, or an ``HFDatasetSource``.
     ``tokenizer_path``: a folder holding ``tokenizer.json`` (or the file) with ``<|endoftext|>``.
-    Host ``process_index`` of ``process_count`` reads only its own documents (every
-    ``process_count``-th line of the epoch's stream). ``num_workers`` tokenizer processes
+    Host ``process_index`` of ``process_count`` reads only its own documents: ``host_split``
+    ``"shards"`` gives it whole shards of each epoch (``order[(i + epoch) % P :: P]``),
+    ``"lines"`` every ``process_count``-th line of the epoch's stream, ``"auto"`` shards when
+    there are at least as many shards as hosts (see ``docstream``). ``num_workers`` tokenizer processes
     (0: tokenize in the loader thread). ``skip_bad`` counts, logs and skips bad records instead
     of raising ``ShardError``; ``bad_records`` holds the counts. Epochs repeat forever, each with
     a new seeded shard order and shuffle.
+
+    ``token_cache``: a folder built by ``python -m data_processing.token_cache`` for these
+    shards and this tokenizer. Documents then come as cached token arrays (same order, state
+    and batches as without it); only fill-in-the-middle documents are tokenized, in the
+    workers, and without FIM no worker process is started at all.
     """
 
     def __init__(
@@ -128,12 +137,15 @@ class TokenLoader:
         prefetch: int = 2,
         tokenize_batch: int = 256,
         encode: EncodeOptions | None = None,
+        host_split: str = "auto",
+        token_cache: str | None = None,
     ):
         if block_size < 1 or batch_size_per_host < 1 or tokenize_batch < 1:
             raise ValueError("block_size, batch_size_per_host and tokenize_batch must be positive")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.source = make_source(source)
+        self.host_split = _resolve_host_split(host_split, len(self.source), process_count)
         self.tokenizer_path = tokenizer_file(tokenizer_path)
         self.encode_options = encode or EncodeOptions()
         if self.encode_options.window not in (0, block_size + 1):
@@ -151,8 +163,19 @@ class TokenLoader:
         self.prefetch = max(1, prefetch)
         self.tokenize_batch = tokenize_batch
         self.bad_records = BadRecordCounter()
+        self._docs_source = self.source
+        self.token_cache = token_cache or None
+        if self.token_cache:
+            if not isinstance(self.source, ShardSource):
+                raise ValueError("data.token_cache: only shard files can be cached, not a datasets stream")
+            cache = TokenCache(self.token_cache, self.tokenizer_path, self.source.paths)
+            # FIM documents are cut from their text, so the shards are read beside the cache then.
+            self._docs_source = CachedShardSource(self.source, cache, with_text=self.encode_options.fim_rate > 0)
         self._pool = None
-        if num_workers > 0:
+        # Cached tokens without FIM leave nothing to tokenize: packing them is cheaper than
+        # sending them to a worker and back.
+        needs_tokenizer = not self.token_cache or self.encode_options.fim_rate > 0
+        if num_workers > 0 and needs_tokenizer:
             # spawn, not fork: the host process usually runs JAX threads, which fork would break.
             ctx = multiprocessing.get_context("spawn")
             self._pool = ctx.Pool(num_workers, initializer=init_worker,
@@ -204,9 +227,25 @@ class TokenLoader:
         for key in ("seed", "process_index", "process_count", "num_units", "encode"):
             if state.get(key, mine[key]) != mine[key]:
                 raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r}")
+        # States saved before the shard-level split existed split by lines. With one host both
+        # splits give the same stream, so only a multi-host state must match.
+        saved_split = state.get("host_split", "lines")
+        if self.process_count > 1 and saved_split != self.host_split:
+            raise ValueError(
+                f"loader state has host_split={saved_split!r} but this loader has {self.host_split!r}: "
+                f"the hosts' documents differ; set data.host_split={saved_split} to resume it"
+            )
         self._shutdown_thread()
         self._state = state
         self._start(state["docs"], int(state["skip"]))
+
+    def restart_at_epoch(self, epoch: int) -> None:
+        """Restart the stream at the first document of ``epoch`` (its seeded shard order and
+        shuffle), dropping anything not yet delivered. For a resume whose saved positions cannot
+        be used, e.g. with a different number of hosts; ``state()`` is resumable afterwards."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.restore(self._make_state(epoch_start(epoch), 0))
 
     def close(self) -> None:
         """Stop the background thread and the worker processes."""
@@ -235,6 +274,7 @@ class TokenLoader:
             "process_index": self.process_index,
             "process_count": self.process_count,
             "num_units": len(self.source),
+            "host_split": self.host_split,
             "encode": dataclasses.asdict(self.encode_options),
             "docs": doc_state,
             "skip": skip,
@@ -300,7 +340,7 @@ class TokenLoader:
 
         try:
             docs = DocStream(
-                self.source,
+                self._docs_source,
                 seed=self.seed,
                 shuffle_buffer=self.shuffle_buffer,
                 process_index=self.process_index,
@@ -308,6 +348,7 @@ class TokenLoader:
                 skip_bad=self.skip_bad,
                 bad=self.bad_records,
                 state=doc_state,
+                host_split=self.host_split,
             )
             window = self.block_size + 1
             chunks = _check_epoch_sizes(
@@ -332,6 +373,21 @@ class TokenLoader:
                 put(("error", err, None))
             except _ClosedError:
                 return
+
+
+def _resolve_host_split(host_split: str, num_units: int, process_count: int) -> str:
+    """``"auto"``: whole shards per host when every host can get one, else lines; one host reads
+    everything either way and is recorded as ``"lines"``."""
+    if host_split == "auto":
+        return "shards" if process_count > 1 and num_units >= process_count else "lines"
+    if host_split not in HOST_SPLITS:
+        raise ValueError(f"host_split: expected auto, {', '.join(HOST_SPLITS)}; got {host_split!r}")
+    if host_split == "shards" and num_units < process_count:
+        raise ValueError(
+            f"host_split='shards' needs at least as many shards as hosts: {num_units} shard(s) for "
+            f"{process_count} hosts (use 'auto' or 'lines')"
+        )
+    return host_split
 
 
 def validation_batches(

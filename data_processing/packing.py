@@ -135,46 +135,72 @@ class DocumentEncoder:
         return bool(rng.random() < o.fim_rate), rng
 
     def encode(self, docs: list) -> np.ndarray:
-        """Token ids of ``docs`` concatenated (see the class docstring)."""
+        """Token ids of ``docs`` concatenated (see the class docstring). A document carrying
+        cached ``tokens`` (token cache) is not tokenized again unless it is drawn for FIM."""
         if not docs:
             return np.zeros(0, dtype=np.int32)
         o = self.options
-        if not (o.control_codes or o.fim_rate > 0 or o.window):
-            # The plain stream, kept to one batched call and one flat list: the hot path.
-            ids: list[int] = []
+        if not (o.control_codes or o.fim_rate > 0 or o.window) and all(d.tokens is None for d in docs):
+            # The plain live stream, one batched call: the hot path. One array per document, then
+            # one concatenate: measured 22% less CPU than extending one flat list (docs/benchmarks.md).
+            eos = np.array([self.eos_id], np.int32)
+            parts: list[np.ndarray] = []
             for encoding in self._encode([d.text for d in docs], add_special_tokens=False):
-                ids.extend(encoding.ids)
-                ids.append(self.eos_id)
-            return np.asarray(ids, dtype=np.int32)
+                parts.append(np.asarray(encoding.ids, np.int32))
+                parts.append(eos)
+            return np.concatenate(parts)
         # Every text piece of the chunk goes through one batched call; plans say how to join them.
         pieces: list[str] = []
-        plans: list[tuple[int, int, bool]] = []  # (first piece, piece count, spm)
+        plans: list[tuple[int, int, bool]] = []  # (first piece, piece count (0: cached tokens), spm)
         for doc in docs:
             fim, rng = self._fim_draw(doc)
             if fim:
+                if doc.text is None:
+                    raise ValueError(f"data.fim_rate: document {doc.key} has no text to rearrange")
                 prefix, middle, suffix = fim_pieces(doc.text, rng)
                 plans.append((len(pieces), 3, bool(rng.random() < o.fim_spm_rate)))
                 pieces.extend((prefix, middle, suffix))
+            elif doc.tokens is not None:
+                plans.append((0, 0, False))
             else:
                 plans.append((len(pieces), 1, False))
                 pieces.append(doc.text)
-        encoded = [e.ids for e in self._encode(pieces, add_special_tokens=False)]
-        out: list[np.ndarray] = []
+        encoded = [e.ids for e in self._encode(pieces, add_special_tokens=False)] if pieces else []
+        bodies: list = []
         for doc, (first, count, spm) in zip(docs, plans, strict=True):
-            row: list[int] = [self.control_id(doc)] if o.control_codes else []
-            if count == 1:
-                row += encoded[first]
+            if count == 0:
+                bodies.append(doc.tokens)
+            elif count == 1:
+                bodies.append(encoded[first])
             else:
                 pre, suf, mid = self.sentinels
                 prefix, middle, suffix = encoded[first : first + 3]
                 if spm:
-                    row += [pre, suf, *suffix, mid, *prefix, *middle]
+                    bodies.append([pre, suf, *suffix, mid, *prefix, *middle])
                 else:
-                    row += [pre, *prefix, suf, *suffix, mid, *middle]
-            row.append(self.eos_id)
-            ids_doc = np.asarray(row, dtype=np.int32)
-            out.append(cut_windows(ids_doc, o.window, o.stride).reshape(-1) if o.window else ids_doc)
-        return np.concatenate(out)
+                    bodies.append([pre, *prefix, suf, *suffix, mid, *middle])
+        heads = [self.control_id(doc) for doc in docs] if o.control_codes else None
+        if not o.window:
+            return self._join(heads, bodies)
+        rows = (self._join(None if heads is None else heads[i : i + 1], [body]) for i, body in enumerate(bodies))
+        return np.concatenate([cut_windows(row, o.window, o.stride).reshape(-1) for row in rows])
+
+    def _join(self, heads: list[int] | None, bodies: list) -> np.ndarray:
+        """``[head] body <|endoftext|>`` for each document, concatenated into one int32 array
+        (filled in place: no per-document temporary arrays)."""
+        extra = 1 + (heads is not None)
+        out = np.empty(sum(len(b) for b in bodies) + extra * len(bodies), np.int32)
+        pos = 0
+        for i, body in enumerate(bodies):
+            if heads is not None:
+                out[pos] = heads[i]
+                pos += 1
+            n = len(body)
+            out[pos : pos + n] = body
+            pos += n
+            out[pos] = self.eos_id
+            pos += 1
+        return out
 
 
 # Worker-process side: each worker builds its encoder once, by path (picklable, no big state).

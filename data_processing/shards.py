@@ -15,7 +15,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -146,6 +146,24 @@ class _ZstdFrames(io.RawIOBase):
         return n
 
 
+class _CountingReader(io.RawIOBase):
+    """Passes reads through and reports how many file bytes were read: the progress of a long
+    read, in the units of the file's size (compressed bytes for a compressed shard)."""
+
+    def __init__(self, raw, report: Callable[[int], None]):
+        self._raw = raw
+        self._report = report
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._raw.readinto(b)
+        if n:
+            self._report(n)
+        return n
+
+
 def _text_stream(path: str, raw) -> io.TextIOBase:
     if path.endswith((".zst", ".zstd")):
         reader = io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 20)
@@ -156,24 +174,30 @@ def _text_stream(path: str, raw) -> io.TextIOBase:
 
 
 def iter_lines(
-    path: str | os.PathLike, start_line: int = 0, *, fileobj: BinaryIO | None = None
+    path: str | os.PathLike,
+    start_line: int = 0,
+    progress: Callable[[int], None] | None = None,
+    *,
+    fileobj: BinaryIO | None = None,
 ) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, raw_line)`` (1-based) from a shard, skipping ``start_line`` lines.
 
     A corrupt or truncated stream raises ``ShardError`` naming the file and the line at which
-    reading failed. With ``fileobj`` the shard's bytes come from that open binary stream (a
-    cluster engine that fetched the file itself) and ``path`` only names it and picks the
-    decompressor from its suffix.
+    reading failed. ``progress(n)`` is called with the file bytes read, as they are read. With
+    ``fileobj`` the shard's bytes come from that open binary stream (a cluster engine that
+    fetched the file itself) and ``path`` only names it and picks the decompressor from its suffix.
     """
     path = os.fspath(path)
     lineno = 0
     try:
         opened = contextlib.nullcontext(fileobj) if fileobj is not None else _open_binary(path)
-        with opened as raw, _text_stream(path, raw) as stream:
-            for lineno, line in enumerate(stream, start=1):  # noqa: B007 (used in except)
-                if lineno <= start_line:
-                    continue
-                yield lineno, line
+        with opened as file:
+            raw = file if progress is None else io.BufferedReader(_CountingReader(file, progress), 1 << 20)
+            with _text_stream(path, raw) as stream:
+                for lineno, line in enumerate(stream, start=1):  # noqa: B007 (used in except)
+                    if lineno <= start_line:
+                        continue
+                    yield lineno, line
     except FileNotFoundError as err:
         raise ShardError(f"{path}: file not found") from err
     except (zstandard.ZstdError, OSError, EOFError, UnicodeDecodeError) as err:

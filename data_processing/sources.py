@@ -15,9 +15,12 @@ import glob
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from data_processing.shards import BadRecordCounter, ShardError, iter_lines, list_shards, parse_record
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +29,15 @@ Owned = Callable[[int], bool]
 
 class Document(NamedTuple):
     """One document as the loader sees it: its text, its language (``meta.language``; used for
-    control codes) and ``key``, its position ``(epoch, unit, line)`` once the document stream
+    control codes), ``key``, its position ``(epoch, unit, line)`` once the document stream
     has placed it (seeds per-document randomness such as fill-in-the-middle, so that it is the
-    same after a restore)."""
+    same after a restore), and ``tokens``, its text already tokenized when it comes from a token
+    cache (``data_processing.token_cache``; ``text`` is then None unless FIM needs it)."""
 
-    text: str
+    text: str | None
     language: str | None = None
     key: tuple[int, ...] = ()
+    tokens: np.ndarray | None = None
 
 
 def _language(record: dict) -> str | None:

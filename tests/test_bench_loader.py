@@ -37,11 +37,21 @@ def test_bench_loader_smallest_path():
         "tokens_per_second",
         "peer_tokens_per_second",
         "speedup",
-        "cpu_cores",
+        "cold_tokens_per_second",
+        "cached_tokens_per_second",
+        "cached_speedup",
+        "cache_build_tokens_per_second",
+        "peer_cached_tokens_per_second",
+        "cpu_count",
+        "load_avg_1m_before",
         "num_workers",
         "block_size",
         "mb",
     ):
         assert key in result, key
     assert result["tokens_per_second"] > 0 and result["peer_tokens_per_second"] > 0
+    assert result["cold_tokens_per_second"] == result["tokens_per_second"]
+    assert result["peer_cached_tokens_per_second"] > 0 and result["cache_build_tokens_per_second"] > 0
+    # Reading the cache skips the tokenizer (and the worker process start): it must be faster.
+    assert result["cached_tokens_per_second"] > result["cold_tokens_per_second"]
     assert result["block_size"] == 128

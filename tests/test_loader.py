@@ -173,33 +173,156 @@ def test_worker_processes_give_the_same_stream(corpus, tokenizer_dir):
         np.testing.assert_array_equal(np.stack(_take(workers, 30)), expected)
 
 
-def test_two_hosts_disjoint_cover_and_resume(corpus, tokenizer_dir, tok, eos):
+def _epoch_sizes_texts(loader, tok, eos, sizes: list[int]) -> list[list[str]]:
+    """Decode consecutive epochs of ``sizes[e]`` documents each from the packed stream."""
+    batches = []
+    stream = np.zeros(0, np.int32)
+    while (stream == eos).sum() < sum(sizes):
+        batches.append(next(loader))
+        stream = np.concatenate(batches).ravel()
+    texts = [tok.decode(d.tolist()) for d in _split_docs(stream, eos)]
+    bounds = np.cumsum([0, *sizes])
+    return [texts[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _shard_of(text: str) -> int:
+    """Shard of a corpus document (30 per shard, numbered in the first line)."""
+    return int(text.split("\n", 1)[0].split()[-1]) // 30
+
+
+def test_two_hosts_line_split_disjoint_cover_and_resume(corpus, tokenizer_dir, tok, eos):
     root, docs = corpus
     per_host = []
     for host in range(2):
-        with _loader(root, tokenizer_dir, process_index=host, process_count=2, seed=1) as loader:
+        with _loader(root, tokenizer_dir, process_index=host, process_count=2, seed=1, host_split="lines") as loader:
+            assert loader.state()["host_split"] == "lines"
             # 90 documents, every other line per host: each host owns 45 of them per epoch.
             epoch0, _ = _epoch_texts(loader, tok, eos, len(docs) // 2)
-        with _loader(root, tokenizer_dir, process_index=host, process_count=2, seed=1) as loader:
+        with _loader(root, tokenizer_dir, process_index=host, process_count=2, seed=1, host_split="lines") as loader:
             first = next(loader)
         per_host.append((first, epoch0))
     docs0, docs1 = per_host[0][1], per_host[1][1]
     assert not set(docs0) & set(docs1), "hosts never read the same document"
     assert Counter(docs0 + docs1) == Counter(docs), "together the hosts cover the epoch"
+    # Line split: every host reads from every shard.
+    assert {_shard_of(t) for t in docs0} == {_shard_of(t) for t in docs1} == {0, 1, 2}
     gb = global_batch([per_host[0][0], per_host[1][0]])
     assert gb.shape == (2 * BATCH, BLOCK + 1)
     np.testing.assert_array_equal(gb[BATCH:], per_host[1][0])
     for host in range(2):
-        _check_resume(root, tokenizer_dir, 9, process_index=host, process_count=2, seed=1)
+        _check_resume(root, tokenizer_dir, 9, process_index=host, process_count=2, seed=1, host_split="lines")
 
 
-def test_restore_rejects_other_host(corpus, tokenizer_dir):
+def test_two_hosts_shard_split_disjoint_cover_balanced_and_resume(corpus, tokenizer_dir, tok, eos):
+    root, docs = corpus
+    # 3 shards dealt to 2 hosts: in epoch e host h reads the shards at positions (h + e) % 2, +2, ...
+    # of the epoch's order: 2 + 1 shards in epoch 0, 1 + 2 in epoch 1.
+    sizes = {0: [60, 30], 1: [30, 60]}
+    epochs = {}
+    for host in range(2):
+        with _loader(root, tokenizer_dir, process_index=host, process_count=2, seed=1) as loader:
+            assert loader.state()["host_split"] == "shards"  # "auto" with at least as many shards as hosts
+            epochs[host] = _epoch_sizes_texts(loader, tok, eos, sizes[host])
+    for e in range(2):
+        a, b = epochs[0][e], epochs[1][e]
+        assert not set(a) & set(b), f"epoch {e}: hosts never read the same document"
+        assert Counter(a + b) == Counter(docs), f"epoch {e}: together the hosts cover the epoch"
+        # Whole shards per host: a host's documents come from its own shards only.
+        shards_a, shards_b = {_shard_of(t) for t in a}, {_shard_of(t) for t in b}
+        assert not shards_a & shards_b and len(a) == 30 * len(shards_a) and len(b) == 30 * len(shards_b)
+    # Balanced over P = 2 epochs: each host read 90 documents.
+    assert [sum(map(len, epochs[h])) for h in range(2)] == [90, 90]
+    for host in range(2):
+        # k = 25 crosses host 1's first epoch (30 documents, ~20 batches).
+        _check_resume(root, tokenizer_dir, 25, process_index=host, process_count=2, seed=1)
+
+
+@pytest.mark.parametrize("split", ["lines", "shards"])
+def test_shard_split_opens_only_own_shards(corpus, tokenizer_dir, monkeypatch, split):
+    from data_processing.sources import ShardSource
+
+    opened: list[str] = []
+    real = ShardSource.iter_unit
+
+    def spy(self, unit, **kw):
+        opened.append(Path(self.paths[unit]).name)
+        return real(self, unit, **kw)
+
+    monkeypatch.setattr(ShardSource, "iter_unit", spy)
     root, _ = corpus
-    with _loader(root, tokenizer_dir, process_index=0, process_count=2) as a:
+    seen = []
+    for host in range(2):
+        opened.clear()
+        with _loader(root, tokenizer_dir, process_index=host, process_count=2, host_split=split) as loader:
+            _take(loader, 5)  # well inside the first epoch of every host
+        seen.append(set(opened))
+    if split == "shards":
+        assert not seen[0] & seen[1] and seen[0] and seen[1]
+    else:
+        assert seen[0] == seen[1] == {f"shard-{s:02d}.jsonl.zst" for s in range(3)}
+
+
+def test_host_split_choice_and_errors(corpus, tokenizer_dir):
+    root, _ = corpus
+    for count, expected in ((1, "lines"), (2, "shards"), (3, "shards"), (4, "lines")):
+        with _loader(root, tokenizer_dir, process_index=0, process_count=count) as loader:
+            assert loader.host_split == expected, count
+    with pytest.raises(ValueError, match="host_split='shards' needs at least as many shards as hosts: 3 shard"):
+        _loader(root, tokenizer_dir, process_index=0, process_count=4, host_split="shards")
+    with pytest.raises(ValueError, match="host_split: expected"):
+        _loader(root, tokenizer_dir, host_split="files")
+
+
+def test_restore_rejects_other_host_split(corpus, tokenizer_dir):
+    root, _ = corpus
+    with _loader(root, tokenizer_dir, process_index=0, process_count=2, host_split="lines") as a:
         next(a)
-        state = a.state()
-    with _loader(root, tokenizer_dir, process_index=1, process_count=2) as b, pytest.raises(ValueError):
+        state = json.loads(json.dumps(a.state()))
+    with (
+        _loader(root, tokenizer_dir, process_index=0, process_count=2) as b,
+        pytest.raises(ValueError, match="host_split='lines' but this loader has 'shards'.*data.host_split=lines"),
+    ):
         b.restore(state)
+    # A state saved before the split was recorded (no key) is a line split.
+    del state["host_split"]
+    with _loader(root, tokenizer_dir, process_index=0, process_count=2, host_split="lines") as c:
+        c.restore(state)
+        next(c)
+    # One host: both splits read the same stream, so either state resumes.
+    with _loader(root, tokenizer_dir, host_split="shards") as one:
+        next(one)
+        single = one.state()
+    with _loader(root, tokenizer_dir) as other:
+        other.restore(single)
+        next(other)
+
+
+def test_restart_at_epoch(corpus, tokenizer_dir, tok, eos):
+    root, docs = corpus
+    with _loader(root, tokenizer_dir, seed=3) as straight:
+        _, epoch1 = _epoch_texts(straight, tok, eos, len(docs))
+    with _loader(root, tokenizer_dir, seed=3) as loader:
+        _take(loader, 4)
+        loader.restart_at_epoch(1)
+        state = loader.state()
+        assert state["docs"]["epoch"] == 1 and state["skip"] == 0
+        batches = _take(loader, 30)
+    texts = [tok.decode(d.tolist()) for d in _split_docs(np.concatenate(batches).ravel(), eos)]
+    # The stream restarts at the first document of epoch 1, in epoch 1's order.
+    assert texts == epoch1[: len(texts)] and len(texts) > 10
+    with _loader(root, tokenizer_dir, seed=3) as again:
+        again.restart_at_epoch(1)
+        np.testing.assert_array_equal(np.stack(_take(again, 30)), np.stack(batches))
+        with pytest.raises(ValueError, match="epoch must be >= 0"):
+            again.restart_at_epoch(-1)
+    # The state after a restart resumes exactly.
+    with _loader(root, tokenizer_dir, seed=3) as first:
+        first.restart_at_epoch(1)
+        _take(first, 7)
+        saved = json.loads(json.dumps(first.state()))
+    with _loader(root, tokenizer_dir, seed=3) as second:
+        second.restore(saved)
+        np.testing.assert_array_equal(np.stack(_take(second, 5)), np.stack(batches[7:12]))
 
 
 # -- validation and other sources --------------------------------------------------------------

@@ -162,7 +162,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(two_process_ru
     batches stitched in process order (host 0 rows, then host 1). Its per-step losses must equal the
     2-process run's metrics.jsonl within 1e-5, and the params after the last step equal the
     2-process checkpoint. The hosts' batches are disjoint, and each equals what a ``TokenLoader``
-    for that process index yields (the loader gives process i every 2nd document line)."""
+    for that process index yields (2 training shards, 2 processes: each reads whole shards)."""
     import jax
     import numpy as np
 

@@ -28,12 +28,14 @@ def _cfg(tiny_corpus, run_dir, *extra):
 def test_run_writes_config_metrics_checkpoints_and_resumes_exactly(tiny_corpus, tmp_path):
     full = train(_cfg(tiny_corpus, tmp_path / "full"))
     assert full["step"] == 12
-    # An interrupted run: stop after 5 steps (checkpoint at 4 and the forced save at 5), then rerun.
+    # An interrupted run: stop after 5 steps (checkpoint at 4 and the forced save at 5), then rerun,
+    # this time reading a token cache (data.token_cache, built by the trainer): same batches.
     part_cfg = _cfg(tiny_corpus, tmp_path / "part")
     first = train(part_cfg, stop_after=5)
     assert first["step"] == 5
-    second = train(part_cfg)
+    second = train(C.replace(part_cfg, data={"token_cache": str(tmp_path / "cache")}))
     assert second["step"] == 12
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 2  # one entry per training shard
     ref = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full") if "loss" in r}
     got = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "part") if "loss" in r}
     assert sorted(got) == list(range(1, 13)) and sorted(ref) == list(range(1, 13))

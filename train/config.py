@@ -91,6 +91,8 @@ class DataConfig:
     control_codes: bool = False  # prepend each document's language token (<|python|>, ...; Autocoder)
     fim_rate: float = 0.0  # fraction of documents rearranged for fill-in-the-middle (Bavarian et al. 2022)
     fim_spm_rate: float = 0.0  # of the fill-in-the-middle documents, the fraction in SPM order
+    token_cache: str = ""  # folder of pre-tokenized shards (python -m data_processing.token_cache); empty = off
+    host_split: str = "auto"  # hosts read whole shards (shards), every P-th line (lines), or shards if >= hosts
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ _CHOICES = {
     "model.attention_impl": ("einsum", "dot_product"),
     "model.remat": ("none", "full", "dots"),
     "data.packing": ("concat", "windows"),
+    "data.host_split": ("auto", "shards", "lines"),
     "schedule.decay": ("linear", "cosine", "constant"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }

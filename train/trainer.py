@@ -95,10 +95,6 @@ def next_epoch(loader_states: dict[str, Any]) -> int:
     return max(epochs, default=-1) + 1
 
 
-def _epoch_start(epoch: int) -> dict[str, Any]:
-    return {"epoch": epoch, "unit": 0, "line": 0, "line_base": 0, "emitted": 0, "buffer": []}
-
-
 def encode_options(cfg: C.Config):
     """The loader's ``EncodeOptions`` for ``cfg.data`` (control codes, FIM, sliding windows)."""
     from data_processing.packing import EncodeOptions
@@ -112,16 +108,32 @@ def encode_options(cfg: C.Config):
     )
 
 
+def ensure_token_cache(cfg: C.Config) -> None:
+    """Build the missing or stale entries of ``data.token_cache`` for the run's tokenizer (every
+    process; hosts sharing the folder start at different shards and skip finished ones)."""
+    from data_processing.token_cache import build_cache
+
+    summary = build_cache(cfg.data.train_dir, cfg.tokenizer.path, cfg.data.token_cache,
+                          progress=cfg.logging.progress and jax.process_index() == 0,
+                          host=(jax.process_index(), jax.process_count()))
+    if summary.built and jax.process_index() == 0:
+        print(f"[train] token cache: built {summary.built} of {summary.shards} shards "
+              f"({summary.tokens_built} tokens, {summary.seconds:.0f} s) in {summary.folder}", flush=True)
+
+
 def _make_loaders(cfg: C.Config, batch_per_host: int):
     from data_processing.loader import TokenLoader, validation_batches
 
     d = cfg.data
     encode = encode_options(cfg)
+    if d.token_cache:
+        ensure_token_cache(cfg)
     loader = TokenLoader(
         d.train_dir, cfg.tokenizer.path, block_size=d.block_size, batch_size_per_host=batch_per_host,
         seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
         process_index=jax.process_index(), process_count=jax.process_count(), skip_bad=d.skip_bad,
-        prefetch=d.prefetch, tokenize_batch=d.tokenize_batch, encode=encode,
+        prefetch=d.prefetch, tokenize_batch=d.tokenize_batch, encode=encode, host_split=d.host_split,
+        token_cache=d.token_cache or None,
     )
     val = []
     if cfg.train.eval_every and d.eval_batches:
@@ -203,7 +215,7 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
     if loader is not None and loader_state is not None:
         loader.restore(loader_state)
     elif loader is not None and restart_epoch is not None:
-        loader.restore(loader._make_state(_epoch_start(restart_epoch), 0))
+        loader.restart_at_epoch(restart_epoch)
     writer = MetricsWriter(run_dir, cfg, active=is_main)
     best = BestCheckpoint(run_dir, cfg.checkpoint.keep_best) if cfg.checkpoint.keep_best else None
 
