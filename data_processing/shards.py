@@ -176,16 +176,17 @@ def _text_stream(path: str, raw) -> io.TextIOBase:
 def iter_lines(
     path: str | os.PathLike,
     start_line: int = 0,
-    progress: Callable[[int], None] | None = None,
     *,
     fileobj: BinaryIO | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, raw_line)`` (1-based) from a shard, skipping ``start_line`` lines.
 
     A corrupt or truncated stream raises ``ShardError`` naming the file and the line at which
-    reading failed. ``progress(n)`` is called with the file bytes read, as they are read. With
-    ``fileobj`` the shard's bytes come from that open binary stream (a cluster engine that
-    fetched the file itself) and ``path`` only names it and picks the decompressor from its suffix.
+    reading failed. With ``fileobj`` the shard's bytes come from that open binary stream (a
+    cluster engine that fetched the file itself) and ``path`` only names it and picks the
+    decompressor from its suffix. ``progress(n)`` is called with the file bytes read, as they
+    are read.
     """
     path = os.fspath(path)
     lineno = 0

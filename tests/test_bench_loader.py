@@ -55,3 +55,16 @@ def test_bench_loader_smallest_path():
     # Reading the cache skips the tokenizer (and the worker process start): it must be faster.
     assert result["cached_tokens_per_second"] > result["cold_tokens_per_second"]
     assert result["block_size"] == 128
+
+
+@pytest.mark.slow
+def test_bench_loader_stages_smallest_path():
+    out = subprocess.run(
+        [sys.executable, "bench/loader_stages.py", "--mb", "0.3", "--vocab-size", "500"],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=300,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    stages = {"read_zstd_lines", "docstream_json_shuffle", "tokenizer", "ids_to_numpy", "pack"}
+    assert set(result["cpu_seconds"]) >= stages
+    assert result["tokens"] > 0 and result["tokenizer_tokens_per_cpu_second"] > 0
+    assert abs(sum(result["share"].values()) - 1.0) < 0.01

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -18,41 +17,23 @@ from data_processing.loader import TokenLoader
 from data_processing.packing import EncodeOptions, control_token
 from data_processing.shards import ShardError, write_shard
 from data_processing.token_cache import TokenCacheError, build_cache
+from tests.helpers import byte_level_bpe, stdlib_texts
 
 BLOCK, BATCH = 32, 3
 LANGS = ["Python", "Shell"]
 
 
-def _texts(limit: int) -> list[str]:
-    out, total = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        out.append(path.read_text(encoding="utf-8", errors="replace"))
-        total += len(out[-1])
-        if total > limit:
-            break
-    return out
-
-
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
     """A 600-token byte-level BPE with the control codes and FIM sentinels as special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_texts(150_000), trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in [control_token(x) for x in LANGS] + list(FIM_TOKENS)])
+    tok = byte_level_bpe(stdlib_texts(150_000), 600, tuple(control_token(x) for x in LANGS) + FIM_TOKENS)
     out = tmp_path_factory.mktemp("tok")
     tok.save(str(out / "tokenizer.json"))
     return out
 
 
 def _docs(n: int) -> list[str]:
-    source = "".join(_texts(120_000))
+    source = "".join(stdlib_texts(120_000))
     rng = np.random.default_rng(0)
     out = []
     for i in range(n):
