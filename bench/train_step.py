@@ -3,6 +3,8 @@
     python bench/train_step.py --config configs/gpt_neo_125m.yaml --set model.vocab_size=50257
     python bench/train_step.py --quick            # tiny config, a few minutes on 2 CPU cores
     python bench/train_step.py --quick --sweep    # also each speed option alone against the baseline
+    python bench/train_step.py --config configs/gpt_neo_125m.yaml --set model.vocab_size=50257 --plan --sweep
+                                                  # memory only: compile, never run (any size, on CPU)
 
 The last printed line is one JSON object (see ``main``)."""
 from __future__ import annotations
@@ -27,7 +29,8 @@ import numpy as np  # noqa: E402
 
 from train import config as config_lib  # noqa: E402
 from train import metrics, sharding  # noqa: E402
-from train.step import compile_steps  # noqa: E402
+from train.model import init_params  # noqa: E402
+from train.step import compile_steps, loss_sum_fn  # noqa: E402
 
 QUICK_OVERRIDES = ["model.vocab_size=4096", "train.batch_size=8", "data.block_size=128", "mesh.data=-1"]
 PEER_VENV = ROOT / "bench" / ".peer-venv"
@@ -66,7 +69,43 @@ def run_ours(cfg, batch_np: np.ndarray, steps: int, warmup: int) -> dict:
     state, _ = time_steps(compiled.train_step, state, batch, warmup)  # also fills jit caches
     state, step_s = time_steps(compiled.train_step, state, batch, steps)
     return {"step_time_s": step_s, "compile_time_s": compile_s, "num_devices": mesh.size,
-            "temp_bytes": _temp_bytes(executable)}
+            "batch_shards": batch_shards(mesh), "temp_bytes": _temp_bytes(executable)}
+
+
+def batch_shards(mesh) -> int:
+    """How many ways the batch is split (the mesh's batch axes)."""
+    return int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+
+
+def residual_bytes(cfg, batch_size: int, seq_len: int) -> int:
+    """Bytes the backward pass keeps from the forward pass for one micro-batch of a batch shard
+    of ``batch_size`` sequences, unsharded otherwise (the leaves of
+    ``jax.vjp``'s closure, shapes only, nothing allocated). Exact for the traced program and the
+    same on every backend, unlike a compiler's buffer plan; it can count a parameter the forward
+    pass keeps as is, so it errs high by at most the parameters' size."""
+    micro = batch_size // max(cfg.optimizer.grad_accum_steps, 1)
+    params = jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
+    tokens = jax.ShapeDtypeStruct((micro, seq_len + 1), np.int32)
+    closure = jax.eval_shape(lambda p, t: jax.vjp(lambda q: loss_sum_fn(q, t, cfg.model)[0], p)[1], params, tokens)
+    return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(closure))
+
+
+def plan_memory(cfg, batch_size: int, seq_len: int) -> dict:
+    """Compile the train step for abstract inputs (nothing allocated, nothing run) and report
+    XLA's buffer plan on this backend next to the backend-independent residual bytes."""
+    mesh = sharding.make_mesh(cfg)
+    compiled = compile_steps(cfg, mesh)
+    batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), np.int32, sharding=compiled.batch_sharding)
+    t = time.perf_counter()
+    executable = compiled.train_step.lower(compiled.abstract_state, batch).compile()
+    compile_s = time.perf_counter() - t
+    m = executable.memory_analysis()
+    # The state is donated (aliased): outputs reuse the argument buffers.
+    planned = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return {"compile_time_s": compile_s, "state_bytes": int(m.argument_size_in_bytes),
+            "temp_bytes": int(m.temp_size_in_bytes), "planned_bytes": int(planned),
+            "residual_bytes": residual_bytes(cfg, batch_size // batch_shards(mesh), seq_len),
+            "num_devices": mesh.size}
 
 
 def _temp_bytes(executable) -> int | None:
@@ -94,18 +133,41 @@ def run_sweep(config_path: str, overrides: list[str], batch_np: np.ndarray, step
     """Time every ``sweep_variants`` entry on the same batch; tokens/s relative to the baseline."""
     rows = []
     base_cfg = config_lib.load(config_path, overrides)
+    B, T1 = batch_np.shape
     for name, extra in sweep_variants(base_cfg):
         cfg = config_lib.load(config_path, overrides + extra)
         r = run_ours(cfg, batch_np, steps, warmup)
         rows.append({"variant": name, "overrides": extra, "tokens_per_second": batch_np[:, 1:].size / r["step_time_s"],
                      "step_time_s": r["step_time_s"], "compile_time_s": r["compile_time_s"],
-                     "temp_bytes": r["temp_bytes"]})
+                     "temp_bytes": r["temp_bytes"],
+                     "residual_bytes": residual_bytes(cfg, B // r["batch_shards"], T1 - 1)})
         print(f"[sweep] {name:24s} {rows[-1]['tokens_per_second']:10.0f} tok/s  "
-              f"temp {(r['temp_bytes'] or 0) / 2**20:8.1f} MiB", file=sys.stderr, flush=True)
+              f"temp {(r['temp_bytes'] or 0) / 2**20:8.1f} MiB  "
+              f"residuals {rows[-1]['residual_bytes'] / 2**20:8.1f} MiB", file=sys.stderr, flush=True)
     base = rows[0]["tokens_per_second"]
     for row in rows:
         row["relative"] = row["tokens_per_second"] / base
     return rows
+
+
+def run_plan(config_path: str, overrides: list[str], sweep: bool) -> dict:
+    """``--plan``: memory figures only, for the configuration (and each sweep variant)."""
+    base_cfg = config_lib.load(config_path, overrides)
+    B, T = config_lib.global_batch_size(base_cfg, jax.device_count()), base_cfg.data.block_size
+    variants = sweep_variants(base_cfg) if sweep else [("baseline", [])]
+    rows = []
+    for name, extra in variants:
+        r = {"variant": name, "overrides": extra,
+             **plan_memory(config_lib.load(config_path, overrides + extra), B, T)}
+        rows.append(r)
+        print(f"[plan] {name:24s} state {r['state_bytes'] / 2**30:6.2f} GiB  temp {r['temp_bytes'] / 2**30:6.2f} GiB  "
+              f"planned {r['planned_bytes'] / 2**30:6.2f} GiB  residuals {r['residual_bytes'] / 2**30:6.2f} GiB",
+              file=sys.stderr, flush=True)
+    device = jax.devices()[0]
+    return {"plan": rows, "planned_bytes": rows[0]["planned_bytes"], "residual_bytes": rows[0]["residual_bytes"],
+            "device": getattr(device, "device_kind", device.platform), "num_devices": rows[0]["num_devices"],
+            "config": config_path, "overrides": overrides, "compute_dtype": base_cfg.model.compute_dtype,
+            "batch_size": B, "seq_len": T, "jax_version": jax.__version__}
 
 
 def ensure_peer_venv(venv: Path) -> Path:
@@ -145,14 +207,20 @@ def main(argv=None) -> dict:
     p.add_argument("--no-peer", action="store_true", help="skip the Hugging Face Flax peer")
     p.add_argument("--peer-venv", default=str(PEER_VENV))
     p.add_argument("--sweep", action="store_true", help="also time each speed option alone (JSON field 'sweep')")
+    p.add_argument("--plan", action="store_true",
+                   help="memory only: compile for abstract inputs, never run (fields 'plan', 'planned_bytes')")
     a = p.parse_args(argv)
     config_path = a.config or (str(ROOT / "configs" / "tiny.yaml") if a.quick else None)
     if config_path is None:
         p.error("--config is required without --quick")
     overrides = (QUICK_OVERRIDES if a.quick else []) + a.overrides
+    if a.plan:
+        result = run_plan(config_path, overrides, a.sweep)
+        print(json.dumps(result), flush=True)
+        return result
     cfg = config_lib.load(config_path, overrides)
     steps = a.steps or (10 if a.quick else 20)
-    B, T = cfg.train.batch_size, cfg.data.block_size
+    B, T = config_lib.global_batch_size(cfg, jax.device_count()), cfg.data.block_size
     batch_np = np.random.default_rng(cfg.train.seed).integers(0, cfg.model.vocab_size, (B, T + 1), dtype=np.int32)
 
     ours = run_ours(cfg, batch_np, steps, a.warmup)
@@ -178,7 +246,8 @@ def main(argv=None) -> dict:
     result = {
         "tokens_per_second": tps, "tokens_per_second_per_device": per_dev, "step_time_s": ours["step_time_s"],
         "compile_time_s": ours["compile_time_s"], "peak_memory_bytes": mem, "peak_memory_kind": mem_kind,
-        "temp_bytes": ours["temp_bytes"], "sweep": sweep,
+        "temp_bytes": ours["temp_bytes"], "residual_bytes": residual_bytes(cfg, B // ours["batch_shards"], T),
+        "sweep": sweep,
         "mfu": mfu, "peak_flops_per_device": peak, "peak_flops_kind": peak_kind,
         "peer_tokens_per_second": peer_tps, "peer_step_time_s": peer["step_time_s"] if peer else None,
         "peer_compile_time_s": peer["compile_time_s"] if peer else None,

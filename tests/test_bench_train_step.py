@@ -55,3 +55,18 @@ def test_quick_sweep_rows_and_chunked_loss_saves_memory():
         assert row["relative"] == pytest.approx(row["tokens_per_second"] / rows["baseline"]["tokens_per_second"])
     # The point of the chunked loss: the [B, T, V] fp32 logits are never materialised at once.
     assert rows["loss chunk 16"]["temp_bytes"] < rows["baseline"]["temp_bytes"]
+
+
+def test_plan_memory_only():
+    """--plan compiles every variant for abstract inputs and reports memory without running a step."""
+    r = _run("--no-peer", "--plan", "--sweep")
+    rows = {row["variant"]: row for row in r["plan"]}
+    assert list(rows) == ["baseline", "attention dot_product", "remat full", "remat dots", "loss chunk 16"]
+    assert r["planned_bytes"] == rows["baseline"]["planned_bytes"] and r["batch_size"] == 4 and r["seq_len"] == 64
+    for row in rows.values():
+        assert 0 < row["state_bytes"] < row["planned_bytes"] and row["residual_bytes"] > 0
+    # What each option is for, in backend-independent bytes kept for the backward pass.
+    base = rows["baseline"]["residual_bytes"]
+    assert rows["remat full"]["residual_bytes"] < rows["remat dots"]["residual_bytes"] < base
+    assert rows["loss chunk 16"]["residual_bytes"] < base
+    assert "tokens_per_second" not in r  # nothing was timed

@@ -58,6 +58,33 @@ def attention_mask(q_pos_T: jax.Array, k_pos_S: jax.Array, window: int | None) -
     return allowed_TS
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
+    """``softmax(where(mask, scores, -inf))`` over the last axis, returned in ``dtype``.
+
+    Written with its own gradient so that the only thing kept for the backward pass is the
+    returned probabilities (in ``dtype``, as the value matmul consumes them): autodiff of the
+    plain expression keeps the broadcast mask, the masked scores, the exponentials and the fp32
+    probabilities, four ``[B, H, T, S]`` arrays per layer (measured with ``bench/train_step.py
+    --plan``: 5.2 GB instead of 0.8 GB per layer for 125M at 8 x 2048 in bf16)."""
+    return _masked_softmax_fwd(scores, mask, dtype)[0]
+
+
+def _masked_softmax_fwd(scores, mask, dtype):
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(scores.dtype).min), axis=-1).astype(dtype)
+    return probs, probs
+
+
+def _masked_softmax_bwd(dtype, probs, g):
+    # d softmax: p * (g - sum(p * g)); masked positions have p == 0 and so get no gradient.
+    p = probs.astype(jnp.float32)
+    g = g.astype(jnp.float32)
+    return p * (g - jnp.sum(p * g, axis=-1, keepdims=True)), None
+
+
+masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm computed in fp32 (like PyTorch's under autocast), returned in compute dtype."""
 
@@ -130,8 +157,7 @@ class Attention(nn.Module):
             scores_BHTS = jnp.einsum(
                 "bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32
             ) * scale
-            scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
-            probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
+            probs_BHTS = masked_softmax(scores_BHTS, mask_BTS[:, None], dtype)
             self.sow("intermediates", "attention_probs", probs_BHTS)
             probs_BHTS = nn.Dropout(cfg.attention_dropout)(probs_BHTS, deterministic=deterministic)
             out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
