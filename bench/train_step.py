@@ -120,9 +120,10 @@ def _temp_bytes(executable) -> int | None:
 def sweep_variants(cfg) -> list[tuple[str, list[str]]]:
     """Each speed option of issue "Performance" alone, against the configuration as given."""
     T = cfg.data.block_size
+    others = [impl for impl in config_lib.CHOICES["model.attention_impl"] if impl != cfg.model.attention_impl]
     return [
         ("baseline", []),
-        ("attention dot_product", ["model.attention_impl=dot_product"]),
+        *[(f"attention {impl}", [f"model.attention_impl={impl}"]) for impl in others],
         ("remat full", ["model.remat=full"]),
         ("remat dots", ["model.remat=dots"]),
         (f"loss chunk {max(T // 4, 1)}", [f"model.loss_chunk_size={max(T // 4, 1)}"]),

@@ -48,7 +48,8 @@ def test_quick_with_peer():
 def test_quick_sweep_rows_and_chunked_loss_saves_memory():
     r = _run("--no-peer", "--sweep")
     rows = {row["variant"]: row for row in r["sweep"]}
-    assert list(rows) == ["baseline", "attention dot_product", "remat full", "remat dots", "loss chunk 16"]
+    assert list(rows) == ["baseline", "attention einsum", "attention dot_product", "remat full", "remat dots",
+                          "loss chunk 16"]
     assert rows["baseline"]["relative"] == 1.0
     for row in rows.values():
         assert row["tokens_per_second"] > 0 and row["compile_time_s"] > 0 and row["temp_bytes"] > 0
@@ -61,7 +62,8 @@ def test_plan_memory_only():
     """--plan compiles every variant for abstract inputs and reports memory without running a step."""
     r = _run("--no-peer", "--plan", "--sweep")
     rows = {row["variant"]: row for row in r["plan"]}
-    assert list(rows) == ["baseline", "attention dot_product", "remat full", "remat dots", "loss chunk 16"]
+    assert list(rows) == ["baseline", "attention einsum", "attention dot_product", "remat full", "remat dots",
+                          "loss chunk 16"]
     assert r["planned_bytes"] == rows["baseline"]["planned_bytes"] and r["batch_size"] == 4 and r["seq_len"] == 64
     for row in rows.values():
         assert 0 < row["state_bytes"] < row["planned_bytes"] and row["residual_bytes"] > 0

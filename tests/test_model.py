@@ -158,7 +158,7 @@ def test_masked_softmax_gradient_and_what_backward_keeps():
 
     # In bf16 the backward pass keeps one bf16 [B, H, T, S] array per layer, nothing else that size.
     cfg = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=64,
-                      window_size=8, compute_dtype="bfloat16")
+                      window_size=8, compute_dtype="bfloat16", attention_impl="einsum")
     params = jax.eval_shape(lambda: M.init_params(cfg, jax.random.PRNGKey(0)))
     ids = jax.ShapeDtypeStruct((3, 48), jnp.int32)
     closure = jax.eval_shape(
@@ -166,3 +166,67 @@ def test_masked_softmax_gradient_and_what_backward_keeps():
         params, ids)
     square = [leaf.dtype for leaf in jax.tree_util.tree_leaves(closure) if leaf.shape[-2:] == (48, 48)]
     assert square == [jnp.bfloat16] * cfg.num_layers
+
+
+@pytest.mark.parametrize("T", [32, 40, 8])
+def test_blocked_local_attention_equals_masked_square(T):
+    """attention_impl=blocked computes local layers over window blocks (T x 2W scores): same logits
+    and gradients as the full masked square, also with shifted positions (left padding); lengths
+    that are not a multiple of the window (40) or not above it (8) fall back to the square."""
+    import dataclasses
+
+    import jax
+
+    from train.step import loss_fn
+
+    hf = tiny_hf_gpt_neo()
+    cfg = convert.model_config_from_hf(hf.config.to_dict(), FP32)
+    blocked = dataclasses.replace(cfg, attention_impl="blocked")
+    params = jax.tree_util.tree_map(jnp.asarray, convert.hf_to_params(
+        {k: v.numpy() for k, v in hf.state_dict().items()}, cfg))
+    ids = np.random.RandomState(7).randint(0, cfg.vocab_size, (2, T))
+    np.testing.assert_allclose(_flax_logits(blocked, params, ids), _flax_logits(cfg, params, ids), atol=1e-5, rtol=0)
+    pos = np.stack([np.arange(T), np.arange(T) - 5])  # row 1: five left-padding positions
+    square, blocks = (np.asarray(M.Transformer(c).apply({"params": params}, jnp.asarray(ids), jnp.asarray(pos)))
+                      for c in (cfg, blocked))
+    np.testing.assert_allclose(blocks[1, 5:], square[1, 5:], atol=1e-5, rtol=0)
+    tokens = jnp.asarray(np.random.RandomState(8).randint(0, cfg.vocab_size, (2, T + 1)))
+    g_square, g_blocks = (jax.grad(loss_fn)(params, tokens, c) for c in (cfg, blocked))
+    for a, b in zip(jax.tree_util.tree_leaves(g_blocks), jax.tree_util.tree_leaves(g_square), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_and_layer_norm_gradients_match_autodiff_and_keep_less(dtype):
+    import jax
+
+    rng = np.random.RandomState(1)
+    x = jnp.asarray(rng.randn(3, 5, 16) * 2, dtype)
+    g = jnp.asarray(rng.randn(3, 5, 16), jnp.float32)
+    scale, bias = jnp.asarray(rng.rand(16) + 0.5, jnp.float32), jnp.asarray(rng.randn(16), jnp.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+
+    def ln_ref(x, s, b):
+        x = x.astype(jnp.float32)
+        c = x - x.mean(-1, keepdims=True)
+        return c * jax.lax.rsqrt(jnp.square(c).mean(-1, keepdims=True) + 1e-5) * s + b
+
+    out, vjp = jax.vjp(lambda *a: M.layer_norm(*a, 1e-5), x, scale, bias)
+    ref_out, ref_vjp = jax.vjp(ln_ref, x, scale, bias)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    for ours, ref in zip(vjp(g), ref_vjp(g), strict=True):
+        assert ours.dtype == ref.dtype
+        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), atol=tol * 10, rtol=tol)
+
+    out, vjp = jax.vjp(M.gelu_tanh, x)
+    ref_out, ref_vjp = jax.vjp(lambda x: jax.nn.gelu(x, approximate=True), x)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref_out, np.float32))
+    (ours,), (ref,) = vjp(g.astype(dtype)), ref_vjp(g.astype(dtype))
+    assert ours.dtype == dtype
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
+
+    def kept(f, *args):
+        return sum(leaf.size for leaf in jax.tree_util.tree_leaves(jax.eval_shape(lambda *a: jax.vjp(f, *a)[1], *args)))
+
+    assert kept(M.gelu_tanh, x) == x.size < kept(lambda x: jax.nn.gelu(x, approximate=True), x)
+    assert kept(lambda *a: M.layer_norm(*a, 1e-5), x, scale, bias) < kept(ln_ref, x, scale, bias)

@@ -51,7 +51,7 @@ class ModelConfig:
     resid_dropout: float = 0.0  # dropout on attention and MLP outputs
     compute_dtype: str = "bfloat16"  # activations/matmuls; master weights stay param_dtype
     param_dtype: str = "float32"  # master weights and optimizer state
-    attention_impl: str = "einsum"  # "einsum" (explicit mask) or "dot_product" (jax.nn.dot_product_attention)
+    attention_impl: str = "blocked"  # einsum (masked square), blocked (local layers by window blocks), dot_product
     remat: str = "none"  # rematerialisation of blocks: none, full, dots (save matmul outputs)
     loss_chunk_size: int = 0  # >0: compute the loss over this many tokens at a time (bounds fp32 logits)
     init_from: str = ""  # local Hugging Face folder to start from (fine-tuning); empty = from scratch
@@ -175,12 +175,12 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-_CHOICES = {
+CHOICES = {
     "model.family": ("gpt_neo", "gpt2"),
     "model.activation": ("gelu_new", "gelu", "relu"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("einsum", "dot_product"),
+    "model.attention_impl": ("einsum", "blocked", "dot_product"),
     "model.remat": ("none", "full", "dots"),
     "data.packing": ("concat", "windows"),
     "data.host_split": ("auto", "shards", "lines"),
@@ -279,7 +279,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def validate(cfg: Config) -> None:
     """Checks that need more than one field. Device-count checks live in ``validate_for_devices``."""
-    for key, choices in _CHOICES.items():
+    for key, choices in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
@@ -330,6 +330,9 @@ def validate(cfg: Config) -> None:
     for key in ("embed_dropout", "attention_dropout", "resid_dropout"):
         if not 0.0 <= getattr(m, key) < 1.0:
             raise ConfigError(f"model.{key}: expected a rate in [0, 1), got {getattr(m, key)}")
+    if m.attention_impl == "dot_product" and m.attention_dropout > 0:
+        raise ConfigError("model.attention_dropout: jax.nn.dot_product_attention has no dropout; "
+                          "use model.attention_impl einsum or blocked, or attention_dropout 0")
     if m.loss_chunk_size < 0:
         raise ConfigError(f"model.loss_chunk_size: expected >= 0, got {m.loss_chunk_size}")
     t = cfg.train

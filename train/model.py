@@ -41,12 +41,69 @@ def _partitioned(init, axes: tuple[str | None, ...]):
 def activation_fn(name: str):
     """The MLP nonlinearity; ``gelu_new`` is the tanh approximation GPT-2/Neo use."""
     if name == "gelu_new":
-        return functools.partial(jax.nn.gelu, approximate=True)
+        return gelu_tanh
     if name == "gelu":
         return functools.partial(jax.nn.gelu, approximate=False)
     if name == "relu":
         return jax.nn.relu
     raise ValueError(f"model.activation: unknown activation {name!r}")
+
+
+_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+
+
+@jax.custom_vjp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """``jax.nn.gelu(x, approximate=True)`` whose backward pass keeps only ``x`` (autodiff of the
+    formula keeps five ``[B, T, F]`` intermediates, the largest activations of the model) and
+    recomputes the tanh, in fp32."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_fwd(x):
+    return jax.nn.gelu(x, approximate=True), x
+
+
+def _gelu_tanh_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (x32 + 0.044715 * x32 ** 3))
+    d = 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x32 * x32)
+    return ((g.astype(jnp.float32) * d).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis in fp32 (returns fp32) whose backward pass keeps only the
+    normalised input and the inverse standard deviation (autodiff keeps three fp32 ``[B, T, D]``
+    arrays per norm)."""
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    x32 = x.astype(jnp.float32)
+    centred = x32 - x32.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)
+    xhat = centred * rstd
+    y = xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    # A zero of x's dtype rides along so the backward pass can return dx in that dtype.
+    return y, (xhat, rstd, scale, bias, jnp.zeros((), x.dtype))
+
+
+def _layer_norm_bwd(eps, res, g):
+    xhat, rstd, scale, bias, x_zero = res
+    g = g.astype(jnp.float32)
+    axes = tuple(range(g.ndim - 1))
+    dbias = g.sum(axes)
+    dscale = (g * xhat).sum(axes)
+    gx = g * scale.astype(jnp.float32)
+    dx = rstd * (gx - gx.mean(-1, keepdims=True) - xhat * (gx * xhat).mean(-1, keepdims=True))
+    return dx.astype(x_zero.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def attention_mask(q_pos_T: jax.Array, k_pos_S: jax.Array, window: int | None) -> jax.Array:
@@ -85,6 +142,37 @@ def _masked_softmax_bwd(dtype, probs, g):
 masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
 
 
+def local_attention_blocked(q_BTHK, k_BTHK, v_BTHK, positions_BT, window: int, scale: float, dtype,
+                            dropout=lambda probs: probs) -> jax.Array:
+    """Local (sliding-window) attention computed block by block: the queries of each block of
+    ``window`` positions against the keys of that block and the one before, ``T x 2W`` scores
+    instead of ``T x T`` (GPT-Neo's local layers see only the last ``window`` positions, so the
+    rest of the square is masked work and memory). Same result as the masked full square; the
+    mask still comes from the positions, so shifted positions (left padding) stay exact."""
+    B, T, H, K = q_BTHK.shape
+    n = T // window
+
+    def blocks(x):  # [B, T, ...] -> [B, n, W, ...]
+        return x.reshape(B, n, window, *x.shape[2:])
+
+    def with_previous(x_BNW, fill):  # [B, n, W, ...] -> [B, n, 2W, ...]: block j-1 then block j
+        pad = [(0, 0), (1, 0)] + [(0, 0)] * (x_BNW.ndim - 2)
+        prev = jnp.pad(x_BNW, pad, constant_values=fill)[:, :-1]
+        return jnp.concatenate([prev, x_BNW], axis=2)
+
+    q_BNWHK = blocks(q_BTHK)
+    k_BNSHK = with_previous(blocks(k_BTHK), 0)
+    v_BNSHK = with_previous(blocks(v_BTHK), 0)
+    q_pos_BNW = blocks(positions_BT)
+    k_pos_BNS = with_previous(q_pos_BNW, -1)  # before the first block: negative = never attended
+    mask_BNWS = jax.vmap(jax.vmap(attention_mask, in_axes=(0, 0, None)), in_axes=(0, 0, None))(
+        q_pos_BNW, k_pos_BNS, window)
+    scores_BNHWS = jnp.einsum("bnwhk,bnshk->bnhws", q_BNWHK, k_BNSHK, preferred_element_type=jnp.float32) * scale
+    probs_BNHWS = dropout(masked_softmax(scores_BNHWS, mask_BNWS[:, :, None], dtype))
+    out_BNWHK = jnp.einsum("bnhws,bnshk->bnwhk", probs_BNHWS, v_BNSHK)
+    return out_BNWHK.reshape(B, T, H, K)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm computed in fp32 (like PyTorch's under autocast), returned in compute dtype."""
 
@@ -97,12 +185,7 @@ class LayerNorm(nn.Module):
                            _dtype(cfg.param_dtype))
         bias = self.param("bias", _partitioned(nn.initializers.zeros, ("embed",)), (cfg.hidden_size,),
                           _dtype(cfg.param_dtype))
-        x = x_BTD.astype(jnp.float32)
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + cfg.layer_norm_epsilon)
-        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(_dtype(cfg.compute_dtype))
+        return layer_norm(x_BTD, scale, bias, cfg.layer_norm_epsilon).astype(_dtype(cfg.compute_dtype))
 
 
 class Attention(nn.Module):
@@ -145,7 +228,14 @@ class Attention(nn.Module):
             k_BSHK, v_BSHK, k_pos_BS = k_BTHK, v_BTHK, positions_BT
 
         scale = K ** -0.5 if gpt2 else 1.0
-        if cfg.attention_impl == "dot_product" and not decode:
+        T = q_BTHK.shape[1]
+        blocked = (cfg.attention_impl == "blocked" and window is not None and not decode
+                   and window < T and T % window == 0)
+        if blocked:
+            drop = nn.Dropout(cfg.attention_dropout)
+            out_BTHK = local_attention_blocked(q_BTHK, k_BSHK, v_BSHK, positions_BT, window, scale, dtype,
+                                               dropout=lambda p: drop(p, deterministic=deterministic))
+        elif cfg.attention_impl == "dot_product" and not decode:
             out_BTHK = jax.nn.dot_product_attention(
                 q_BTHK, k_BSHK, v_BSHK, scale=scale, is_causal=True,
                 local_window_size=(window - 1, 0) if window is not None else None,
