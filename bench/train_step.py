@@ -120,7 +120,8 @@ def _temp_bytes(executable) -> int | None:
 def sweep_variants(cfg) -> list[tuple[str, list[str]]]:
     """Each speed option of issue "Performance" alone, against the configuration as given."""
     T = cfg.data.block_size
-    others = [impl for impl in config_lib.CHOICES["model.attention_impl"] if impl != cfg.model.attention_impl]
+    others = [impl for impl in config_lib.CHOICES["model.attention_impl"] if impl != cfg.model.attention_impl
+              and (impl != "cudnn" or (jax.default_backend() == "gpu" and cfg.model.compute_dtype != "float32"))]
     return [
         ("baseline", []),
         *[(f"attention {impl}", [f"model.attention_impl={impl}"]) for impl in others],

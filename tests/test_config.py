@@ -36,6 +36,7 @@ def test_overrides_parse_yaml_values():
         ("model.attention_layers=[global, sparse]", "model.attention_layers"),
         ("data.block_size=100000", "data.block_size"),
         ("logging.progress=maybe", "logging.progress"),
+        ("model.attention_impl=cudnn", "model.attention_impl"),  # tiny.yaml computes in fp32
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -85,3 +86,17 @@ def test_finetune_configs_need_init_from_and_follow_autocoder(name):
     assert cfg.optimizer.learning_rate == 5e-5 and cfg.data.block_size == 256
     assert cfg.train.per_device_batch_size == 4 and cfg.checkpoint.keep_best == "eval_loss"
     assert cfg.schedule.warmup_steps == 0.2 * cfg.train.max_steps
+
+
+def test_fused_attention_refuses_what_it_cannot_do():
+    with pytest.raises(C.ConfigError, match="^model.attention_dropout: .*no dropout"):
+        C.load("configs/tiny.yaml", ["model.attention_impl=dot_product", "model.attention_dropout=0.1"])
+    cfg = C.load("configs/tiny.yaml", ["model.attention_impl=cudnn", "model.compute_dtype=bfloat16",
+                                       "model.vocab_size=256"])
+    import jax
+
+    from train.model import init_params
+
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="^model.attention_impl: cudnn needs a CUDA GPU"):
+            init_params(cfg.model, jax.random.PRNGKey(0), seq_len=8)

@@ -51,7 +51,7 @@ class ModelConfig:
     resid_dropout: float = 0.0  # dropout on attention and MLP outputs
     compute_dtype: str = "bfloat16"  # activations/matmuls; master weights stay param_dtype
     param_dtype: str = "float32"  # master weights and optimizer state
-    attention_impl: str = "blocked"  # einsum (masked square), blocked (local layers by window blocks), dot_product
+    attention_impl: str = "blocked"  # einsum, blocked (local layers by window blocks), dot_product (XLA), cudnn
     remat: str = "none"  # rematerialisation of blocks: none, full, dots (save matmul outputs)
     loss_chunk_size: int = 0  # >0: compute the loss over this many tokens at a time (bounds fp32 logits)
     init_from: str = ""  # local Hugging Face folder to start from (fine-tuning); empty = from scratch
@@ -180,7 +180,7 @@ CHOICES = {
     "model.activation": ("gelu_new", "gelu", "relu"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("einsum", "blocked", "dot_product"),
+    "model.attention_impl": ("einsum", "blocked", "dot_product", "cudnn"),
     "model.remat": ("none", "full", "dots"),
     "data.packing": ("concat", "windows"),
     "data.host_split": ("auto", "shards", "lines"),
@@ -330,9 +330,12 @@ def validate(cfg: Config) -> None:
     for key in ("embed_dropout", "attention_dropout", "resid_dropout"):
         if not 0.0 <= getattr(m, key) < 1.0:
             raise ConfigError(f"model.{key}: expected a rate in [0, 1), got {getattr(m, key)}")
-    if m.attention_impl == "dot_product" and m.attention_dropout > 0:
+    if m.attention_impl in ("dot_product", "cudnn") and m.attention_dropout > 0:
         raise ConfigError("model.attention_dropout: jax.nn.dot_product_attention has no dropout; "
                           "use model.attention_impl einsum or blocked, or attention_dropout 0")
+    if m.attention_impl == "cudnn" and m.compute_dtype == "float32":
+        raise ConfigError("model.attention_impl: cudnn (flash attention) needs compute_dtype bfloat16 or "
+                          "float16, got float32")
     if m.loss_chunk_size < 0:
         raise ConfigError(f"model.loss_chunk_size: expected >= 0, got {m.loss_chunk_size}")
     t = cfg.train

@@ -235,10 +235,16 @@ class Attention(nn.Module):
             drop = nn.Dropout(cfg.attention_dropout)
             out_BTHK = local_attention_blocked(q_BTHK, k_BSHK, v_BSHK, positions_BT, window, scale, dtype,
                                                dropout=lambda p: drop(p, deterministic=deterministic))
-        elif cfg.attention_impl == "dot_product" and not decode:
+        elif cfg.attention_impl in ("dot_product", "cudnn") and not decode:
+            # implementation=None is XLA's reference kernel (it materialises the square) in
+            # every backend as of JAX 0.10: cuDNN's fused kernel must be asked for by name.
+            if cfg.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+                raise ValueError(f"model.attention_impl: cudnn needs a CUDA GPU, this backend is "
+                                 f"{jax.default_backend()} (use blocked)")
             out_BTHK = jax.nn.dot_product_attention(
                 q_BTHK, k_BSHK, v_BSHK, scale=scale, is_causal=True,
                 local_window_size=(window - 1, 0) if window is not None else None,
+                implementation="cudnn" if cfg.attention_impl == "cudnn" else None,
             )
         else:
             mask_BTS = jax.vmap(attention_mask, in_axes=(0, 0, None))(q_pos_BT, k_pos_BS, window)
