@@ -77,3 +77,19 @@ def stdlib_texts(limit_bytes: int) -> list[str]:
         if total >= limit_bytes:
             break
     return texts
+
+
+def stdlib_documents(n: int, *, source_bytes: int, lengths: tuple[int, int], header: str = "# doc {i} é 🙂\n",
+                     seed: int = 0) -> list[str]:
+    """``n`` distinct documents of varied length: a numbered ``header`` (``{i}``) followed by a
+    random slice, ``lengths`` = [low, high) characters, of the stdlib text up to ``source_bytes``."""
+    import numpy as np
+
+    source = "".join(stdlib_texts(source_bytes))
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n):
+        length = int(rng.integers(*lengths))
+        start = int(rng.integers(0, len(source) - length))
+        docs.append(header.format(i=i) + source[start : start + length])
+    return docs

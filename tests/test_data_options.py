@@ -12,7 +12,7 @@ from data_processing.loader import TokenLoader, validation_batches
 from data_processing.packing import DocumentEncoder, EncodeOptions, control_token, cut_windows
 from data_processing.shards import write_shard
 from data_processing.sources import Document
-from tests.helpers import byte_level_bpe, stdlib_texts
+from tests.helpers import byte_level_bpe, stdlib_documents, stdlib_texts
 
 LANGS = ["Python", "Shell"]
 
@@ -36,14 +36,7 @@ def tok(tok_dir):
 
 
 def _docs(n: int, seed: int = 0) -> list[str]:
-    source = "".join(stdlib_texts(150_000))
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        length = int(rng.integers(10, 900))
-        start = int(rng.integers(0, len(source) - length))
-        out.append(f"# doc {i} é 🙂\n" + source[start : start + length])
-    return out
+    return stdlib_documents(n, source_bytes=150_000, lengths=(10, 900), seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 from data_processing.loader import HFDatasetSource, TokenLoader, validation_batches
 from data_processing.shards import ShardError, write_shard
-from tests.helpers import byte_level_bpe, stdlib_texts
+from tests.helpers import byte_level_bpe, stdlib_documents, stdlib_texts
 
 BLOCK = 64
 BATCH = 4
@@ -41,14 +41,7 @@ def eos(tok) -> int:
 
 def _documents(n: int) -> list[str]:
     """``n`` distinct documents of varied length (a numbered header + a slice of stdlib code)."""
-    source = "".join(stdlib_texts(200_000))
-    rng = np.random.default_rng(0)
-    docs = []
-    for i in range(n):
-        length = int(rng.integers(20, 1200))
-        start = int(rng.integers(0, len(source) - length))
-        docs.append(f"# document {i}\n" + source[start : start + length])
-    return docs
+    return stdlib_documents(n, source_bytes=200_000, lengths=(20, 1200), header="# document {i}\n")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from data_processing.loader import TokenLoader
 from data_processing.packing import EncodeOptions, control_token
 from data_processing.shards import ShardError, write_shard
 from data_processing.token_cache import TokenCacheError, build_cache
-from tests.helpers import byte_level_bpe, stdlib_texts
+from tests.helpers import byte_level_bpe, stdlib_documents, stdlib_texts
 
 BLOCK, BATCH = 32, 3
 LANGS = ["Python", "Shell"]
@@ -33,14 +33,7 @@ def tok_dir(tmp_path_factory) -> Path:
 
 
 def _docs(n: int) -> list[str]:
-    source = "".join(stdlib_texts(120_000))
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        length = int(rng.integers(10, 700))
-        start = int(rng.integers(0, len(source) - length))
-        out.append(f"# doc {i} é 🙂\n" + source[start : start + length])
-    return out
+    return stdlib_documents(n, source_bytes=120_000, lengths=(10, 700))
 
 
 def _write_corpus(root: Path, n_shards: int = 3, per_shard: int = 25) -> Path:

@@ -117,7 +117,7 @@ def attention_mask(q_pos_T: jax.Array, k_pos_S: jax.Array, window: int | None) -
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
-    """``softmax(where(mask, scores, -inf))`` over the last axis, returned in ``dtype``.
+    """``softmax(where(mask, scores, lowest))`` over the last axis, returned in ``dtype``.
 
     Written with its own gradient so that the only thing kept for the backward pass is the
     returned probabilities (in ``dtype``, as the value matmul consumes them): autodiff of the
