@@ -251,9 +251,21 @@ class TokenLoader:
         """Stop the background thread and the worker processes."""
         self._shutdown_thread()
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            if self._worker_died(pool):
+                pool.terminate()
+            else:
+                # close, not terminate: terminate can block for good when it stops the pool's task
+                # handler in the middle of writing a large chunk to a worker (CPython
+                # multiprocessing; a CI run stalled 15 minutes in it). The stopped producer leaves
+                # at most two chunks per worker to finish.
+                pool.close()
+            pool.join()
+
+    def _worker_died(self, pool) -> bool:
+        """Whether a worker of ``pool`` exited or was replaced (the pool restarts dead workers)."""
+        workers = pool._pool
+        return {p.pid for p in workers} != self._worker_pids or any(p.exitcode is not None for p in workers)
 
     def __enter__(self) -> TokenLoader:
         return self
@@ -321,9 +333,7 @@ class TokenLoader:
             except multiprocessing.TimeoutError:
                 if stop.is_set():
                     raise _ClosedError from None
-                workers = self._pool._pool
-                replaced = {p.pid for p in workers} != self._worker_pids
-                if replaced or any(p.exitcode is not None for p in workers):
+                if self._worker_died(self._pool):
                     raise RuntimeError(
                         "a tokenizer worker process died (killed for memory?); its chunk is lost"
                     ) from None

@@ -164,6 +164,20 @@ def test_worker_processes_give_the_same_stream(corpus, tokenizer_dir):
         expected = np.stack(_take(inline, 30))
     with _loader(corpus[0], tokenizer_dir, num_workers=2, tokenize_batch=3) as workers:
         np.testing.assert_array_equal(np.stack(_take(workers, 30)), expected)
+        processes = list(workers._pool._pool)
+    # Closed with chunks still in flight: every worker process has exited.
+    assert processes and all(p.exitcode is not None for p in processes)
+
+
+def test_close_after_a_worker_died(corpus, tokenizer_dir):
+    loader = _loader(corpus[0], tokenizer_dir, num_workers=2, tokenize_batch=3)
+    _take(loader, 2)
+    processes = list(loader._pool._pool)
+    processes[0].kill()
+    processes[0].join(timeout=30)
+    loader.close()
+    assert loader._pool is None
+    assert all(p.exitcode is not None for p in processes)
 
 
 def _epoch_sizes_texts(loader, tok, eos, sizes: list[int]) -> list[list[str]]:
