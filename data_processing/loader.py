@@ -253,6 +253,8 @@ class TokenLoader:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             if self._worker_died(pool):
+                # Known gap: this too can block if the dead worker held the pool's queue lock
+                # (killed while idle); a worker killed while tokenizing does not hold it.
                 pool.terminate()
             else:
                 # close, not terminate: terminate can block for good when it stops the pool's task

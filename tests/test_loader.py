@@ -169,17 +169,6 @@ def test_worker_processes_give_the_same_stream(corpus, tokenizer_dir):
     assert processes and all(p.exitcode is not None for p in processes)
 
 
-def test_close_after_a_worker_died(corpus, tokenizer_dir):
-    loader = _loader(corpus[0], tokenizer_dir, num_workers=2, tokenize_batch=3)
-    _take(loader, 2)
-    processes = list(loader._pool._pool)
-    processes[0].kill()
-    processes[0].join(timeout=30)
-    loader.close()
-    assert loader._pool is None
-    assert all(p.exitcode is not None for p in processes)
-
-
 def _epoch_sizes_texts(loader, tok, eos, sizes: list[int]) -> list[list[str]]:
     """Decode consecutive epochs of ``sizes[e]`` documents each from the packed stream."""
     batches = []
