@@ -1,9 +1,12 @@
 """Peer for bench/train_step.py: FlaxGPTNeoForCausalLM (transformers 4.57.x) loss + grad + optax AdamW step.
 
-Runs inside the peer virtual environment; prints one JSON line with the median step time."""
+Runs inside the peer virtual environment as a worker of bench/train_step.py, so that the two sides
+can be timed in alternating rounds: after compiling and warming up it prints one JSON line (compile
+time, versions), then for each line ``N`` read on stdin it runs N steps and prints one JSON line
+with their times. It exits at the end of stdin."""
 import argparse
 import json
-import statistics
+import sys
 import time
 
 import jax
@@ -39,16 +42,23 @@ def main():
     t = time.perf_counter()
     step.lower(params, opt_state, batch).compile()
     compile_s = time.perf_counter() - t
-    times = []
-    for i in range(a["warmup"] + a["steps"]):
-        t = time.perf_counter()
-        params, opt_state, loss = step(params, opt_state, batch)
-        loss.block_until_ready()
-        if i >= a["warmup"]:
+
+    def timed(n):
+        nonlocal params, opt_state
+        times, loss = [], None
+        for _ in range(n):
+            t = time.perf_counter()
+            params, opt_state, loss = step(params, opt_state, batch)
+            loss.block_until_ready()  # the only host sync per step, to time it
             times.append(time.perf_counter() - t)
-    print(json.dumps({"step_time_s": statistics.median(times), "compile_time_s": compile_s,
-                      "loss": float(loss), "jax_version": jax.__version__,
+        return times, loss
+
+    timed(a["warmup"])
+    print(json.dumps({"compile_time_s": compile_s, "jax_version": jax.__version__,
                       "transformers_version": transformers.__version__}), flush=True)
+    for line in sys.stdin:
+        times, loss = timed(int(line))
+        print(json.dumps({"step_times_s": times, "loss": float(loss)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Ours and the peer's worker are alive at the same time (they take turns): on a GPU neither may
+# grab 75% of its memory up front. Peak memory is still measured (peak_bytes_in_use).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -37,17 +40,6 @@ PEER_VENV = ROOT / "bench" / ".peer-venv"
 PEER_REQUIREMENTS = ["transformers==4.57.*", "jax", "flax", "optax", "numpy"]
 
 
-def time_steps(step, state, batch, steps: int):
-    """Median seconds per step; one host sync per step only to time it (block_until_ready)."""
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, out = step(state, batch)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t)
-    return state, statistics.median(times)
-
-
 def peak_memory_bytes(device) -> tuple[int | None, str]:
     try:
         stats = device.memory_stats()
@@ -58,18 +50,98 @@ def peak_memory_bytes(device) -> tuple[int | None, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host_rss"
 
 
-def run_ours(cfg, batch_np: np.ndarray, steps: int, warmup: int) -> dict:
-    mesh = sharding.make_mesh(cfg)
-    compiled = compile_steps(cfg, mesh)
-    state = compiled.init(jax.random.PRNGKey(cfg.train.seed))
-    batch = sharding.global_batch(batch_np, mesh)
-    t = time.perf_counter()
-    executable = compiled.train_step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t
-    state, _ = time_steps(compiled.train_step, state, batch, warmup)  # also fills jit caches
-    state, step_s = time_steps(compiled.train_step, state, batch, steps)
-    return {"step_time_s": step_s, "compile_time_s": compile_s, "num_devices": mesh.size,
-            "batch_shards": batch_shards(mesh), "temp_bytes": _temp_bytes(executable)}
+class OursRunner:
+    """Our compiled, donated train step on one batch, timed ``n`` steps at a time."""
+
+    def __init__(self, cfg, batch_np: np.ndarray, warmup: int):
+        mesh = sharding.make_mesh(cfg)
+        compiled = compile_steps(cfg, mesh)
+        self.step = compiled.train_step
+        self.state = compiled.init(jax.random.PRNGKey(cfg.train.seed))
+        self.batch = sharding.global_batch(batch_np, mesh)
+        t = time.perf_counter()
+        executable = self.step.lower(self.state, self.batch).compile()
+        self.compile_time_s = time.perf_counter() - t
+        self.temp_bytes = _temp_bytes(executable)
+        self.num_devices = mesh.size
+        self.batch_shards = batch_shards(mesh)
+        self.time(warmup)  # also fills jit's dispatch cache
+
+    def time(self, n: int) -> list[float]:
+        """Seconds of each of ``n`` steps; one host sync per step only to time it (block_until_ready)."""
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            self.state, out = self.step(self.state, self.batch)
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - t)
+        return times
+
+    def close(self):
+        self.state = self.batch = None
+
+
+class PeerRunner:
+    """The peer's step in a worker process of its own venv (``bench/peer_step.py``), same protocol."""
+
+    def __init__(self, cfg, batch_path: str, warmup: int, venv: Path):
+        from train.convert import hf_config_dict
+
+        py = ensure_peer_venv(venv)
+        args = {
+            "hf_config": hf_config_dict(cfg.model), "batch": batch_path, "warmup": warmup,
+            "dtype": cfg.model.compute_dtype, "seed": cfg.train.seed,
+            "lr": cfg.optimizer.learning_rate, "b1": cfg.optimizer.b1, "b2": cfg.optimizer.b2,
+            "eps": cfg.optimizer.eps, "weight_decay": cfg.optimizer.weight_decay, "clip": cfg.optimizer.clip_norm,
+        }
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the worker
+        self.proc = subprocess.Popen([str(py), str(ROOT / "bench" / "peer_step.py"), "--json-args", json.dumps(args)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     text=True, env=env)
+        self.info = self._reply()
+        self.compile_time_s = self.info["compile_time_s"]
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self._stderr.seek(0)
+            raise RuntimeError(f"peer worker exited with {self.proc.returncode}: {self._stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def time(self, n: int) -> list[float]:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return self._reply()["step_times_s"]
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        self._stderr.close()
+
+
+def time_in_rounds(runners: dict, steps: int, rounds: int) -> dict[str, list[list[float]]]:
+    """Time every runner ``steps`` steps per round, the runners taking turns, ``rounds`` times.
+
+    Alternating short rounds exposes each side to the same drift of a shared machine (other jobs,
+    clocks); timing one side fully and then the other does not: on the 2-core CI box sequential
+    runs of the same code gave 1.05x-1.23x the peer."""
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            times[name].append(runner.time(steps))
+    return times
+
+
+def median_step(rounds_times: list[list[float]]) -> float:
+    return statistics.median(t for r in rounds_times for t in r)
+
+
+def round_ratios(slow: list[list[float]], fast: list[list[float]]) -> list[float]:
+    """Per round, median step time of ``slow`` over that of ``fast`` (how many times faster)."""
+    return [statistics.median(s) / statistics.median(f) for s, f in zip(slow, fast, strict=True)]
 
 
 def batch_shards(mesh) -> int:
@@ -131,24 +203,22 @@ def sweep_variants(cfg) -> list[tuple[str, list[str]]]:
     ]
 
 
-def run_sweep(config_path: str, overrides: list[str], batch_np: np.ndarray, steps: int, warmup: int) -> list[dict]:
-    """Time every ``sweep_variants`` entry on the same batch; tokens/s relative to the baseline."""
-    rows = []
-    base_cfg = config_lib.load(config_path, overrides)
+def sweep_rows(config_path: str, overrides: list[str], variants, runners: dict, times: dict,
+               batch_np: np.ndarray) -> list[dict]:
+    """One row per ``sweep_variants`` entry; tokens/s relative to the baseline, by rounds."""
     B, T1 = batch_np.shape
-    for name, extra in sweep_variants(base_cfg):
+    base = times["baseline"]
+    rows = []
+    for name, extra in variants:
         cfg = config_lib.load(config_path, overrides + extra)
-        r = run_ours(cfg, batch_np, steps, warmup)
-        rows.append({"variant": name, "overrides": extra, "tokens_per_second": batch_np[:, 1:].size / r["step_time_s"],
-                     "step_time_s": r["step_time_s"], "compile_time_s": r["compile_time_s"],
-                     "temp_bytes": r["temp_bytes"],
-                     "residual_bytes": residual_bytes(cfg, B // r["batch_shards"], T1 - 1)})
-        print(f"[sweep] {name:24s} {rows[-1]['tokens_per_second']:10.0f} tok/s  "
-              f"temp {(r['temp_bytes'] or 0) / 2**20:8.1f} MiB  "
+        r, step_s = runners[name], median_step(times[name])
+        rows.append({"variant": name, "overrides": extra, "tokens_per_second": batch_np[:, 1:].size / step_s,
+                     "step_time_s": step_s, "compile_time_s": r.compile_time_s, "temp_bytes": r.temp_bytes,
+                     "relative": statistics.median(round_ratios(base, times[name])),
+                     "residual_bytes": residual_bytes(cfg, B // r.batch_shards, T1 - 1)})
+        print(f"[sweep] {name:24s} {rows[-1]['tokens_per_second']:10.0f} tok/s  x{rows[-1]['relative']:.2f}  "
+              f"temp {(r.temp_bytes or 0) / 2**20:8.1f} MiB  "
               f"residuals {rows[-1]['residual_bytes'] / 2**20:8.1f} MiB", file=sys.stderr, flush=True)
-    base = rows[0]["tokens_per_second"]
-    for row in rows:
-        row["relative"] = row["tokens_per_second"] / base
     return rows
 
 
@@ -183,28 +253,14 @@ def ensure_peer_venv(venv: Path) -> Path:
     return py
 
 
-def run_peer(cfg, batch_path: str, steps: int, warmup: int, venv: Path) -> dict:
-    from train.convert import hf_config_dict
-
-    py = ensure_peer_venv(venv)
-    args = {
-        "hf_config": hf_config_dict(cfg.model), "batch": batch_path, "steps": steps, "warmup": warmup,
-        "dtype": cfg.model.compute_dtype, "seed": cfg.train.seed,
-        "lr": cfg.optimizer.learning_rate, "b1": cfg.optimizer.b1, "b2": cfg.optimizer.b2,
-        "eps": cfg.optimizer.eps, "weight_decay": cfg.optimizer.weight_decay, "clip": cfg.optimizer.clip_norm,
-    }
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([str(py), str(ROOT / "bench" / "peer_step.py"), "--json-args", json.dumps(args)],
-                         check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None)
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     p.add_argument("--quick", action="store_true", help="tiny config (configs/tiny.yaml) unless --config is given")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20, --quick 10)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 20, --quick 10)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds in which ours, the peer and each sweep variant take turns (default 3, --quick 5)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-peer", action="store_true", help="skip the Hugging Face Flax peer")
     p.add_argument("--peer-venv", default=str(PEER_VENV))
@@ -225,40 +281,53 @@ def main(argv=None) -> dict:
     B, T = config_lib.global_batch_size(cfg, jax.device_count()), cfg.data.block_size
     batch_np = np.random.default_rng(cfg.train.seed).integers(0, cfg.model.vocab_size, (B, T + 1), dtype=np.int32)
 
-    ours = run_ours(cfg, batch_np, steps, a.warmup)
+    rounds = a.rounds or (5 if a.quick else 3)
+    runners = {"baseline": OursRunner(cfg, batch_np, a.warmup)}
+    ours = runners["baseline"]
     device = jax.devices()[0]
-    mem, mem_kind = peak_memory_bytes(device)
+    mem, mem_kind = peak_memory_bytes(device)  # after the warm-up steps, before any other variant exists
+    variants = sweep_variants(cfg) if a.sweep else [("baseline", [])]
+    with tempfile.TemporaryDirectory() as tmp:
+        if not a.no_peer:
+            path = os.path.join(tmp, "batch.npy")
+            np.save(path, batch_np)
+            runners["peer"] = PeerRunner(cfg, path, a.warmup, Path(a.peer_venv))
+        for name, extra in variants[1:]:
+            runners[name] = OursRunner(config_lib.load(config_path, overrides + extra), batch_np, a.warmup)
+        try:
+            times = time_in_rounds(runners, steps, rounds)
+        finally:
+            for runner in runners.values():
+                runner.close()
     tokens = B * T
-    tps = tokens / ours["step_time_s"]
+    tps = tokens / median_step(times["baseline"])
     peak = metrics.device_peak_flops(device)
     peak_kind = "bf16_spec"
     if peak is None and device.platform == "cpu":
         peak, peak_kind = metrics.measured_cpu_peak_flops(), "measured_fp32_matmul"
-    per_dev = tps / ours["num_devices"]
+    per_dev = tps / ours.num_devices
     mfu = per_dev * metrics.flops_per_token(cfg.model, T) / peak if peak else None
-
-    peer = None
-    if not a.no_peer:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "batch.npy")
-            np.save(path, batch_np)
-            peer = run_peer(cfg, path, steps, a.warmup, Path(a.peer_venv))
-    peer_tps = tokens / peer["step_time_s"] if peer else None
-    sweep = run_sweep(config_path, overrides, batch_np, steps, a.warmup) if a.sweep else None
+    peer = runners.get("peer")
+    peer_tps = tokens / median_step(times["peer"]) if peer else None
+    ratios = round_ratios(times["peer"], times["baseline"]) if peer else None
+    sweep = sweep_rows(config_path, overrides, variants, runners, times, batch_np) if a.sweep else None
     result = {
-        "tokens_per_second": tps, "tokens_per_second_per_device": per_dev, "step_time_s": ours["step_time_s"],
-        "compile_time_s": ours["compile_time_s"], "peak_memory_bytes": mem, "peak_memory_kind": mem_kind,
-        "temp_bytes": ours["temp_bytes"], "residual_bytes": residual_bytes(cfg, B // ours["batch_shards"], T),
+        "tokens_per_second": tps, "tokens_per_second_per_device": per_dev,
+        "step_time_s": median_step(times["baseline"]), "compile_time_s": ours.compile_time_s,
+        "peak_memory_bytes": mem, "peak_memory_kind": mem_kind,
+        "temp_bytes": ours.temp_bytes, "residual_bytes": residual_bytes(cfg, B // ours.batch_shards, T),
         "sweep": sweep,
         "mfu": mfu, "peak_flops_per_device": peak, "peak_flops_kind": peak_kind,
-        "peer_tokens_per_second": peer_tps, "peer_step_time_s": peer["step_time_s"] if peer else None,
-        "peer_compile_time_s": peer["compile_time_s"] if peer else None,
-        "speedup": tps / peer_tps if peer_tps else None,
-        "device": getattr(device, "device_kind", device.platform), "num_devices": ours["num_devices"],
+        "peer_tokens_per_second": peer_tps, "peer_step_time_s": median_step(times["peer"]) if peer else None,
+        "peer_compile_time_s": peer.compile_time_s if peer else None,
+        # The median of the per-round ratios, and their spread: how sure the comparison is.
+        "speedup": statistics.median(ratios) if peer else None,
+        "speedup_min": min(ratios) if peer else None, "speedup_max": max(ratios) if peer else None,
+        "device": getattr(device, "device_kind", device.platform), "num_devices": ours.num_devices,
         "config": config_path, "overrides": overrides, "compute_dtype": cfg.model.compute_dtype,
-        "batch_size": B, "seq_len": T, "steps": steps, "jax_version": jax.__version__,
-        "peer_jax_version": peer["jax_version"] if peer else None,
-        "peer_transformers_version": peer["transformers_version"] if peer else None,
+        "batch_size": B, "seq_len": T, "steps": steps, "rounds": rounds, "jax_version": jax.__version__,
+        "peer_jax_version": peer.info["jax_version"] if peer else None,
+        "peer_transformers_version": peer.info["transformers_version"] if peer else None,
     }
     print(json.dumps(result), flush=True)
     return result
