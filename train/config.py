@@ -53,7 +53,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights and optimizer state
     attention_impl: str = "blocked"  # einsum, blocked (local layers by window blocks), dot_product (XLA), cudnn
     remat: str = "none"  # rematerialisation of blocks: none, full, dots (save matmul outputs)
-    loss_chunk_size: int = 0  # >0: compute the loss over this many tokens at a time (bounds fp32 logits)
+    loss_chunk_size: int = 0  # >0: output layer fused with the loss, this many positions at a time (bounds fp32 logits)
     init_from: str = ""  # local Hugging Face folder to start from (fine-tuning); empty = from scratch
 
     @property

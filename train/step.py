@@ -21,7 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from train import sharding
 from train.config import Config, ModelConfig
-from train.model import Transformer, mask_padded_vocab
+from train.loss import output_loss_sum, token_losses
+from train.model import DTYPES, Transformer, mask_padded_vocab
 from train.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -29,36 +30,6 @@ class TrainState(struct.PyTreeNode):
     step: jax.Array  # number of optimizer updates applied so far
     params: Any  # fp32 master weights
     opt_state: Any  # optax state (fp32)
-
-
-def token_losses(logits_BTV: jax.Array, labels_BT: jax.Array) -> jax.Array:
-    """Per-token cross entropy in fp32, [B, T]."""
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    label_logit_BT = jnp.take_along_axis(logits_BTV, labels_BT[..., None], axis=-1)[..., 0]
-    return log_z_BT - label_logit_BT
-
-
-def _chunked_loss_sum(model: Transformer, params, h_BTD, labels_BT, valid_BT, chunk: int) -> jax.Array:
-    """Sum of token losses computed ``chunk`` positions at a time, so the fp32 logits of the whole
-    batch ``[B, T, V]`` never exist at once (checkpointed: recomputed in the backward pass)."""
-    B, T, D = h_BTD.shape
-    n = -(-T // chunk)
-    pad = n * chunk - T
-    h_NBCD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
-    labels_NBC = jnp.pad(labels_BT, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
-    valid_NBC = jnp.pad(valid_BT, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(h_BCD, labels_BC, valid_BC):
-        logits = model.apply({"params": params}, h_BCD, method=Transformer.logits)
-        return jnp.sum(token_losses(logits, labels_BC) * valid_BC)
-
-    def body(total, xs):
-        return total + one(*xs), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_NBCD, labels_NBC, valid_NBC))
-    return total
 
 
 def split_batch(tokens_BT1: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -78,10 +49,12 @@ def loss_sum_fn(params, tokens_BT1, cfg: ModelConfig, dropout_rng=None) -> tuple
     model = Transformer(cfg)
     deterministic = dropout_rng is None
     rngs = {} if deterministic else {"dropout": dropout_rng}
-    if cfg.loss_chunk_size and cfg.loss_chunk_size < inputs_BT.shape[1]:
+    if cfg.loss_chunk_size:
         h_BTD = model.apply({"params": params}, inputs_BT, None, deterministic, method=Transformer.hidden,
                             rngs=rngs)
-        total = _chunked_loss_sum(model, params, h_BTD, labels_BT, valid_BT, cfg.loss_chunk_size)
+        w_VD = model.apply({"params": params}, method=Transformer.output_embedding)
+        total = output_loss_sum(h_BTD, w_VD, labels_BT, valid_BT, cfg.vocab_size,
+                                min(cfg.loss_chunk_size, inputs_BT.shape[1]), DTYPES[cfg.compute_dtype])
     else:
         logits_BTV = model.apply({"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs)
         total = jnp.sum(token_losses(logits_BTV, labels_BT) * valid_BT)
