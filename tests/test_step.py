@@ -36,6 +36,10 @@ def test_chunked_loss_equals_full_loss_and_gradients():
     assert float(ch_loss) == pytest.approx(float(full_loss), rel=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(ch_grads), jax.tree_util.tree_leaves(full_grads), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # Evaluation runs the same (chunked, gradient-free) loss.
+    full_eval, ch_eval = step.eval_step(params, tokens, cfg=cfg), step.eval_step(params, tokens, cfg=chunked)
+    assert float(ch_eval["loss_sum"]) == pytest.approx(float(full_eval["loss_sum"]), rel=1e-6)
+    assert float(ch_eval["loss_sum"]) / float(ch_eval["tokens"]) == pytest.approx(float(full_loss), rel=1e-6)
 
 
 def _train(cfg, batches, n_devices=1):

@@ -116,11 +116,10 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: Config, tx: opt
 
 
 def eval_step(params, tokens_BT1: jax.Array, *, cfg: Config) -> dict[str, jax.Array]:
-    """Summed token loss and token count of a validation batch (sums, so batches combine exactly)."""
-    inputs_BT, labels_BT, valid_BT = split_batch(tokens_BT1)
-    logits_BTV = Transformer(cfg.model).apply({"params": params}, inputs_BT)
-    losses_BT = token_losses(logits_BTV, labels_BT)
-    return {"loss_sum": jnp.sum(losses_BT * valid_BT), "tokens": jnp.sum(valid_BT)}
+    """Summed token loss and token count of a validation batch (sums, so batches combine exactly);
+    the same loss as training, so ``loss_chunk_size`` bounds the logits' memory here too."""
+    loss_sum, count = loss_sum_fn(params, tokens_BT1, cfg.model)
+    return {"loss_sum": loss_sum, "tokens": count}
 
 
 def next_token_logits(params, tokens_BT: jax.Array, *, cfg: ModelConfig) -> jax.Array:
