@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import multiprocessing
 import queue
 import threading
 from collections import deque
@@ -45,6 +44,7 @@ from data_processing.packing import (
 from data_processing.shards import BadRecordCounter
 from data_processing.sources import HFDatasetSource, ShardSource, make_source
 from data_processing.token_cache import CachedShardSource, TokenCache
+from data_processing.workers import WorkerDiedError, WorkerProcesses
 
 __all__ = ["EncodeOptions", "HFDatasetSource", "LoaderState", "ShardSource", "TokenLoader", "validation_batches"]
 
@@ -177,13 +177,8 @@ class TokenLoader:
         needs_tokenizer = not self.token_cache or self.encode_options.fim_rate > 0
         if num_workers > 0 and needs_tokenizer:
             # spawn, not fork: the host process usually runs JAX threads, which fork would break.
-            ctx = multiprocessing.get_context("spawn")
-            self._pool = ctx.Pool(num_workers, initializer=init_worker,
-                                  initargs=(self.tokenizer_path, self.encode_options))
-            # multiprocessing.Pool silently replaces a dead worker and loses its task; remember
-            # the workers so that a death is reported instead of waiting forever. (Measured
-            # ~40% faster here than concurrent.futures.ProcessPoolExecutor, which would raise.)
-            self._worker_pids = {p.pid for p in self._pool._pool}
+            self._pool = WorkerProcesses(num_workers, worker_encode, init_worker,
+                                         (self.tokenizer_path, self.encode_options), context="spawn")
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue()
@@ -252,22 +247,7 @@ class TokenLoader:
         self._shutdown_thread()
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            if self._worker_died(pool):
-                # Known gap: this too can block if the dead worker held the pool's queue lock
-                # (killed while idle); a worker killed while tokenizing does not hold it.
-                pool.terminate()
-            else:
-                # close, not terminate: terminate can block for good when it stops the pool's task
-                # handler in the middle of writing a large chunk to a worker (CPython
-                # multiprocessing; a CI run stalled 15 minutes in it). The stopped producer leaves
-                # at most two chunks per worker to finish.
-                pool.close()
-            pool.join()
-
-    def _worker_died(self, pool) -> bool:
-        """Whether a worker of ``pool`` exited or was replaced (the pool restarts dead workers)."""
-        workers = pool._pool
-        return {p.pid for p in workers} != self._worker_pids or any(p.exitcode is not None for p in workers)
+            pool.close()
 
     def __enter__(self) -> TokenLoader:
         return self
@@ -315,30 +295,37 @@ class TokenLoader:
             for start, end, docs, epoch_end in chunks:
                 yield start, end, self._encoder.encode(docs), epoch_end
             return
+        self._pool.discard_pending()  # results of a stopped stream (restore) are not ours
         pending: deque = deque()
         inflight = 2 * self.num_workers
         for start, end, docs, epoch_end in chunks:
-            job = self._pool.apply_async(worker_encode, (docs,)) if docs else None
-            pending.append((start, end, job, epoch_end))
+            if docs:
+                self._submit(docs)
+            pending.append((start, end, bool(docs), epoch_end))
             if len(pending) >= inflight:
                 yield self._collect(pending.popleft(), stop)
         while pending:
             yield self._collect(pending.popleft(), stop)
 
+    def _submit(self, docs) -> None:
+        try:
+            self._pool.submit(docs)
+        except WorkerDiedError as e:
+            raise RuntimeError(f"a tokenizer worker process died (killed for memory?): {e}") from None
+
     def _collect(self, item, stop: threading.Event):
-        start, end, job, epoch_end = item
-        if job is None:
+        start, end, submitted, epoch_end = item
+        if not submitted:
             return start, end, np.zeros(0, dtype=np.int32), epoch_end
         while True:
             try:
-                return start, end, job.get(timeout=_POLL_S), epoch_end
-            except multiprocessing.TimeoutError:
+                return start, end, self._pool.result(timeout=_POLL_S), epoch_end
+            except TimeoutError:
                 if stop.is_set():
                     raise _ClosedError from None
-                if self._worker_died(self._pool):
-                    raise RuntimeError(
-                        "a tokenizer worker process died (killed for memory?); its chunk is lost"
-                    ) from None
+            except WorkerDiedError as e:
+                raise RuntimeError(f"a tokenizer worker process died (killed for memory?); "
+                                   f"its chunk is lost: {e}") from None
 
     def _run(self, doc_state, skip: int, stop: threading.Event, out: queue.Queue) -> None:
         def put(item) -> None:

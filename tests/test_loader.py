@@ -4,6 +4,9 @@ validation stream and bad input. Everything runs on tiny local shards and a tiny
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -164,9 +167,23 @@ def test_worker_processes_give_the_same_stream(corpus, tokenizer_dir):
         expected = np.stack(_take(inline, 30))
     with _loader(corpus[0], tokenizer_dir, num_workers=2, tokenize_batch=3) as workers:
         np.testing.assert_array_equal(np.stack(_take(workers, 30)), expected)
-        processes = list(workers._pool._pool)
+        processes = workers._pool.processes
     # Closed with chunks still in flight: every worker process has exited.
     assert processes and all(p.exitcode is not None for p in processes)
+
+
+def test_a_killed_worker_is_an_error_not_a_hang(corpus, tokenizer_dir):
+    loader = _loader(corpus[0], tokenizer_dir, num_workers=2, tokenize_batch=2)
+    next(loader)
+    processes = loader._pool.processes
+    os.kill(processes[0].pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="tokenizer worker process died"):
+        for _ in range(500):  # the corpus repeats: without the error this never ends
+            next(loader)
+    closer = threading.Thread(target=loader.close, daemon=True)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive() and all(p.exitcode is not None for p in processes)
 
 
 def _epoch_sizes_texts(loader, tok, eos, sizes: list[int]) -> list[list[str]]:

@@ -1,0 +1,81 @@
+"""data_processing/workers.py: ordered results, errors, worker deaths and a close that cannot hang."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from data_processing.workers import WorkerDiedError, WorkerProcesses
+
+
+def _echo_after(value, delay):
+    time.sleep(delay)
+    if value == "boom":
+        raise ValueError("bad task boom")
+    return value, os.getpid()
+
+
+def _closes_within(pool, seconds):
+    t = threading.Thread(target=pool.close, daemon=True)
+    t.start()
+    t.join(seconds)
+    return not t.is_alive()
+
+
+@pytest.fixture
+def pool():
+    p = WorkerProcesses(3, _echo_after, context="spawn")
+    yield p
+    p.close()
+
+
+def test_results_in_submission_order_and_errors_reraised(pool):
+    delays = [0.3, 0.0, 0.1, 0.0, 0.2, 0.0, 0.05]  # later tasks finish first
+    for i, d in enumerate(delays):
+        pool.submit(i, d)
+    got = [pool.result(timeout=30) for _ in delays]
+    assert [v for v, _ in got] == list(range(len(delays)))
+    assert len({pid for _, pid in got}) == 3  # round-robin over the three workers
+    pool.submit("boom", 0.0)
+    pool.submit("after", 0.0)
+    with pytest.raises(ValueError, match="bad task boom"):
+        pool.result(timeout=30)
+    assert pool.result(timeout=30)[0] == "after"  # an error does not stop the worker
+    with pytest.raises(TimeoutError):
+        pool.submit("slow", 5.0)
+        pool.result(timeout=0.1)
+
+
+def test_discarded_results_are_never_returned(pool):
+    for i in range(5):
+        pool.submit(f"old{i}", 0.2)
+    pool.result(timeout=30)
+    pool.discard_pending()  # e.g. the loader restored another position
+    for i in range(4):
+        pool.submit(f"new{i}", 0.0)
+    assert [pool.result(timeout=30)[0] for _ in range(4)] == ["new0", "new1", "new2", "new3"]
+
+
+def test_worker_killed_while_idle_is_reported_and_close_returns(pool):
+    """The case that deadlocked multiprocessing.Pool.terminate: an idle worker killed."""
+    pool.submit("warm", 0.0)  # worker 0 is up and idle afterwards
+    victim = pool.result(timeout=60)[1]
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(0.2)
+    with pytest.raises(WorkerDiedError, match=str(victim)):
+        for i in range(3):
+            pool.submit(i, 0.0)  # task 3 goes to the dead worker 0: its send or its result fails
+        for _ in range(3):
+            pool.result(timeout=30)
+    assert _closes_within(pool, 20)
+    assert all(p.exitcode is not None for p in pool.processes)
+
+
+def test_close_with_tasks_in_flight_stops_every_worker():
+    pool = WorkerProcesses(2, _echo_after, context="spawn")
+    for i in range(4):
+        pool.submit(i, 30.0)  # busy for long
+    assert _closes_within(pool, 20)
+    assert all(p.exitcode is not None for p in pool.processes)
+    pool.close()  # idempotent
