@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -44,6 +42,7 @@ from tqdm import tqdm
 
 from data_processing import minhash
 from data_processing.shards import BadRecordCounter, ShardError, ShardWriter, iter_records, list_shards
+from data_processing.workers import WorkerDiedError, WorkerProcesses
 
 BATCH_RECORDS = 64
 BATCH_BYTES = 1 << 20  # small batches keep all workers busy on small inputs
@@ -105,51 +104,49 @@ def _map_shingles(texts: list[str], k: int) -> list[np.ndarray]:
 
 
 class Workers:
-    """A process pool over all cores (``workers`` > 1) or plain in-process ``map``.
+    """Worker processes over all cores (``workers`` > 1) or plain in-process ``map``.
 
     ``fork`` starts workers in milliseconds (``spawn`` costs ~1 s per worker re-importing numpy,
     which dominated small runs), but forking a process that already runs JAX's or torch's
-    threads can deadlock, so ``spawn`` is used whenever one of those is imported.
+    threads can deadlock, so ``spawn`` is used whenever one of those is imported. A worker that
+    dies (killed for memory) is an error naming it, not a run that waits forever, as it was with
+    ``multiprocessing.Pool``, which silently replaces the worker and loses its task.
     """
 
     def __init__(self, workers: int | None):
         self.n = workers or os.cpu_count() or 1
         threaded = any(m in sys.modules for m in ("jax", "torch", "tensorflow"))
         method = "fork" if sys.platform == "linux" and not threaded else "spawn"
-        self._pool = mp.get_context(method).Pool(self.n) if self.n > 1 else None
+        self._pool = WorkerProcesses(self.n, context=method) if self.n > 1 else None
 
     def imap(self, fn: Callable, items, window: int | None = None) -> Iterator:
-        """Ordered ``map`` over the pool with at most ``window`` (default 2 per worker) tasks
-        in flight. ``Pool.imap`` would drain ``items`` as fast as it can read them, queueing
-        the whole corpus's texts in memory when workers are slower than the reader."""
+        """Ordered ``map`` with at most ``window`` (default 2 per worker) tasks in flight:
+        ``Pool.imap`` would drain ``items`` as fast as it can read them, queueing the whole
+        corpus's texts in memory when workers are slower than the reader."""
         if self._pool is None:
-            yield from map(fn, items)
-            return
-        window = window or 2 * self.n
-        pending: deque = deque()
-        for item in items:
-            pending.append(self._pool.apply_async(fn, (item,)))
-            if len(pending) >= window:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+            return map(fn, items)
+        return self._reporting_deaths(self._pool.imap(fn, items, window))
 
     def starmap(self, fn: Callable, items) -> list:
         if self._pool is None:
             return [fn(*args) for args in items]
-        return self._pool.starmap(fn, items)
+        return list(self._reporting_deaths(self._pool.starmap(fn, items)))
+
+    @staticmethod
+    def _reporting_deaths(results: Iterator) -> Iterator:
+        try:
+            yield from results
+        except WorkerDiedError as e:
+            raise RuntimeError(f"a dedup worker process died (killed for memory?): {e}") from None
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
-            self._pool.join()
 
     def __enter__(self) -> Workers:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._pool is not None and exc[0] is not None:
-            self._pool.terminate()
         self.close()
 
 

@@ -177,8 +177,8 @@ class TokenLoader:
         needs_tokenizer = not self.token_cache or self.encode_options.fim_rate > 0
         if num_workers > 0 and needs_tokenizer:
             # spawn, not fork: the host process usually runs JAX threads, which fork would break.
-            self._pool = WorkerProcesses(num_workers, worker_encode, init_worker,
-                                         (self.tokenizer_path, self.encode_options), context="spawn")
+            self._pool = WorkerProcesses(num_workers, init_worker, (self.tokenizer_path, self.encode_options),
+                                         context="spawn")
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue()
@@ -309,7 +309,7 @@ class TokenLoader:
 
     def _submit(self, docs) -> None:
         try:
-            self._pool.submit(docs)
+            self._pool.submit(worker_encode, docs)
         except WorkerDiedError as e:
             raise RuntimeError(f"a tokenizer worker process died (killed for memory?): {e}") from None
 

@@ -34,6 +34,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import queue
 import sys
 import tempfile
 import time
@@ -47,6 +48,7 @@ import numpy as np
 from data_processing.packing import load_tokenizer, tokenizer_file
 from data_processing.shards import BadRecordCounter, ShardError, iter_lines, list_shards, parse_record
 from data_processing.sources import Document, Owned, ShardSource, _always, _count_bad, _language
+from data_processing.workers import WorkerDiedError, WorkerProcesses
 
 CACHE_VERSION = 1
 _BLANK, _BAD = -1, -2  # ``kinds`` of lines without a document; >= 0 is an index into ``languages``
@@ -328,26 +330,30 @@ def build_cache(
 
 def _build_in_pool(todo, entries, tokenizer_path, workers, force, advance) -> tuple[int, int]:
     # spawn, not fork: callers (the trainer) run JAX threads, which fork would break.
-    ctx = multiprocessing.get_context("spawn")
-    progress_queue = ctx.Queue()
+    progress_queue = multiprocessing.get_context("spawn").Queue()
     built = tokens = 0
-    with ctx.Pool(workers, initializer=_init_builder, initargs=(tokenizer_path, progress_queue, True)) as pool:
-        jobs = [pool.apply_async(_build_one, (s, entries[s], force)) for s in todo]
-        pids = {p.pid for p in pool._pool}
-        while jobs:
-            with contextlib.suppress(Exception):
-                while True:
-                    advance(*progress_queue.get(timeout=_POLL_S))
-            done = [j for j in jobs if j.ready()]
-            for job in done:
-                _, n, fresh_built = job.get()
-                built, tokens = built + fresh_built, tokens + n * fresh_built
-                jobs.remove(job)
-            # multiprocessing.Pool silently replaces a dead worker and loses its task.
-            if jobs and {p.pid for p in pool._pool} != pids:
-                raise RuntimeError("a token cache builder process died (killed for memory?)")
-        while not progress_queue.empty():
-            advance(*progress_queue.get())
+    pool = WorkerProcesses(workers, _init_builder, (tokenizer_path, progress_queue, True), context="spawn")
+    try:
+        for shard in todo:
+            pool.submit(_build_one, shard, entries[shard], force)
+        for _ in todo:
+            while True:
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        advance(*progress_queue.get(timeout=_POLL_S))
+                try:
+                    _, n, fresh_built = pool.result(timeout=0)
+                    break
+                except TimeoutError:
+                    continue
+                except WorkerDiedError as e:
+                    raise RuntimeError(f"a token cache builder process died (killed for memory?): {e}") from None
+            built, tokens = built + fresh_built, tokens + n * fresh_built
+    finally:
+        pool.close()
+    with contextlib.suppress(queue.Empty):
+        while True:
+            advance(*progress_queue.get_nowait())
     return built, tokens
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -23,8 +23,8 @@ class WorkerDiedError(RuntimeError):
     """A worker process exited with tasks outstanding (killed for memory?)."""
 
 
-def _serve(conn, fn: Callable, initializer: Callable | None, initargs: tuple) -> None:
-    """Worker main: run ``fn`` on each task read from ``conn``, send ``(id, ok, value)`` back."""
+def _serve(conn, initializer: Callable | None, initargs: tuple) -> None:
+    """Worker main: run each task ``(id, fn, args)`` read from ``conn``, send ``(id, ok, value)`` back."""
     if initializer is not None:
         initializer(*initargs)
     tasks: queue.SimpleQueue = queue.SimpleQueue()
@@ -40,7 +40,7 @@ def _serve(conn, fn: Callable, initializer: Callable | None, initargs: tuple) ->
 
     threading.Thread(target=read, daemon=True).start()
     while (task := tasks.get()) is not None:
-        task_id, args = task
+        task_id, fn, args = task
         try:
             reply = (task_id, True, fn(*args))
         except Exception as e:  # noqa: BLE001 - sent to the parent, which raises it
@@ -54,20 +54,21 @@ def _serve(conn, fn: Callable, initializer: Callable | None, initargs: tuple) ->
 
 
 class WorkerProcesses:
-    """``n`` processes running ``fn``; ``submit`` then ``result`` in the same order.
+    """``n`` processes; ``submit(fn, *args)`` tasks, then ``result()`` them in the same order.
 
-    Not thread-safe: one thread submits and collects (the loader's producer thread).
+    ``fn`` must be picklable (a module-level function). Not thread-safe: one thread submits and
+    collects (e.g. the loader's producer thread). ``context``: ``spawn`` whenever the parent runs
+    threads (JAX, torch), which ``fork`` would break.
     """
 
-    def __init__(self, n: int, fn: Callable, initializer: Callable | None = None, initargs: tuple = (),
-                 context: str = "spawn"):
+    def __init__(self, n: int, initializer: Callable | None = None, initargs: tuple = (), context: str = "spawn"):
         if n < 1:
             raise ValueError(f"need at least one worker, got {n}")
         ctx = multiprocessing.get_context(context)
         self._workers = []
         for _ in range(n):
             parent, child = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=_serve, args=(child, fn, initializer, initargs), daemon=True)
+            proc = ctx.Process(target=_serve, args=(child, initializer, initargs), daemon=True)
             proc.start()
             child.close()  # only the worker keeps its end: its death is then EOF here
             self._workers.append((proc, parent))
@@ -79,10 +80,10 @@ class WorkerProcesses:
     def processes(self) -> list:
         return [proc for proc, _ in self._workers]
 
-    def submit(self, *args: Any) -> None:
+    def submit(self, fn: Callable, *args: Any) -> None:
         proc, conn = self._workers[self._submitted % len(self._workers)]
         try:
-            conn.send((self._submitted, args))
+            conn.send((self._submitted, fn, args))
         except OSError as e:  # BrokenPipeError, ConnectionResetError
             raise WorkerDiedError(f"worker process {proc.pid} died (exit code {proc.exitcode})") from e
         self._submitted += 1
@@ -110,6 +111,31 @@ class WorkerProcesses:
             if not ok:
                 raise value
             return value
+
+    def imap(self, fn: Callable, items, window: int | None = None) -> Iterator:
+        """Ordered ``map(fn, items)`` with at most ``window`` (default 2 per worker) tasks in
+        flight, so a slow ``fn`` never makes ``items`` be read ahead into memory."""
+        return self._ordered(((fn, (item,)) for item in items), window)
+
+    def starmap(self, fn: Callable, items, window: int | None = None) -> Iterator:
+        """Ordered ``fn(*args)`` for each ``args`` of ``items``, windowed like ``imap``."""
+        return self._ordered(((fn, tuple(args)) for args in items), window)
+
+    def _ordered(self, tasks, window: int | None) -> Iterator:
+        window = window or 2 * len(self._workers)
+        pending = 0
+        try:
+            for fn, args in tasks:
+                self.submit(fn, *args)
+                pending += 1
+                if pending >= window:
+                    yield self.result()
+                    pending -= 1
+            for _ in range(pending):
+                yield self.result()
+        finally:
+            # Left early (an error, a break): later calls must not receive these results.
+            self.discard_pending()
 
     def discard_pending(self) -> None:
         """Abandon every task submitted and not collected: their results are dropped as they come."""

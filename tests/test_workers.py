@@ -16,6 +16,16 @@ def _echo_after(value, delay):
     return value, os.getpid()
 
 
+def _exit_if_three(value):
+    if value == 3:
+        os._exit(3)  # as the kernel's OOM killer would leave it: no exception, no reply
+    return value
+
+
+def _echo_pair(value):
+    return _echo_after(value, 0.0)
+
+
 def _closes_within(pool, seconds):
     t = threading.Thread(target=pool.close, daemon=True)
     t.start()
@@ -25,7 +35,7 @@ def _closes_within(pool, seconds):
 
 @pytest.fixture
 def pool():
-    p = WorkerProcesses(3, _echo_after, context="spawn")
+    p = WorkerProcesses(3, context="spawn")
     yield p
     p.close()
 
@@ -33,39 +43,48 @@ def pool():
 def test_results_in_submission_order_and_errors_reraised(pool):
     delays = [0.3, 0.0, 0.1, 0.0, 0.2, 0.0, 0.05]  # later tasks finish first
     for i, d in enumerate(delays):
-        pool.submit(i, d)
+        pool.submit(_echo_after, i, d)
     got = [pool.result(timeout=30) for _ in delays]
     assert [v for v, _ in got] == list(range(len(delays)))
     assert len({pid for _, pid in got}) == 3  # round-robin over the three workers
-    pool.submit("boom", 0.0)
-    pool.submit("after", 0.0)
+    pool.submit(_echo_after, "boom", 0.0)
+    pool.submit(_echo_after, "after", 0.0)
     with pytest.raises(ValueError, match="bad task boom"):
         pool.result(timeout=30)
     assert pool.result(timeout=30)[0] == "after"  # an error does not stop the worker
     with pytest.raises(TimeoutError):
-        pool.submit("slow", 5.0)
+        pool.submit(_echo_after, "slow", 5.0)
         pool.result(timeout=0.1)
 
 
 def test_discarded_results_are_never_returned(pool):
     for i in range(5):
-        pool.submit(f"old{i}", 0.2)
+        pool.submit(_echo_after, f"old{i}", 0.2)
     pool.result(timeout=30)
     pool.discard_pending()  # e.g. the loader restored another position
     for i in range(4):
-        pool.submit(f"new{i}", 0.0)
+        pool.submit(_echo_after, f"new{i}", 0.0)
     assert [pool.result(timeout=30)[0] for _ in range(4)] == ["new0", "new1", "new2", "new3"]
+
+
+def test_imap_and_starmap_in_order_and_an_abandoned_map_leaves_nothing_behind(pool):
+    items = [(i, 0.05 * (i % 3 == 0)) for i in range(10)]
+    assert [v for v, _ in pool.starmap(_echo_after, items, window=4)] == list(range(10))
+    first = pool.starmap(_echo_after, [(f"a{i}", 0.1) for i in range(6)])
+    assert next(first)[0] == "a0"
+    first.close()  # abandoned with tasks in flight
+    assert [v for v, _ in pool.imap(_echo_pair, ["b0", "b1", "b2"])] == ["b0", "b1", "b2"]
 
 
 def test_worker_killed_while_idle_is_reported_and_close_returns(pool):
     """The case that deadlocked multiprocessing.Pool.terminate: an idle worker killed."""
-    pool.submit("warm", 0.0)  # worker 0 is up and idle afterwards
+    pool.submit(_echo_after, "warm", 0.0)  # worker 0 is up and idle afterwards
     victim = pool.result(timeout=60)[1]
     os.kill(victim, signal.SIGKILL)
     time.sleep(0.2)
     with pytest.raises(WorkerDiedError, match=str(victim)):
         for i in range(3):
-            pool.submit(i, 0.0)  # task 3 goes to the dead worker 0: its send or its result fails
+            pool.submit(_echo_after, i, 0.0)  # task 3 goes to the dead worker 0: its send or its result fails
         for _ in range(3):
             pool.result(timeout=30)
     assert _closes_within(pool, 20)
@@ -73,9 +92,19 @@ def test_worker_killed_while_idle_is_reported_and_close_returns(pool):
 
 
 def test_close_with_tasks_in_flight_stops_every_worker():
-    pool = WorkerProcesses(2, _echo_after, context="spawn")
+    pool = WorkerProcesses(2, context="spawn")
     for i in range(4):
-        pool.submit(i, 30.0)  # busy for long
+        pool.submit(_echo_after, i, 30.0)  # busy for long
     assert _closes_within(pool, 20)
     assert all(p.exitcode is not None for p in pool.processes)
     pool.close()  # idempotent
+
+
+def test_a_worker_dying_in_a_task_is_an_error_in_the_map_and_in_dedup():
+    from data_processing.dedup import Workers
+
+    with Workers(2) as workers:
+        results = workers.imap(_exit_if_three, range(6))
+        assert [next(results) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(RuntimeError, match=r"dedup worker process died .*exit code 3"):
+            next(results)
