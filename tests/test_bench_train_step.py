@@ -50,7 +50,7 @@ def test_quick_with_peer():
 
 @pytest.mark.slow
 def test_quick_sweep_rows_and_chunked_loss_saves_memory():
-    r = _run("--no-peer", "--sweep")
+    r = _run("--no-peer", "--sweep", "--rounds", "1")
     rows = {row["variant"]: row for row in r["sweep"]}
     assert list(rows) == ["baseline", "attention einsum", "attention dot_product", "remat full", "remat dots",
                           "loss chunk 16"]

@@ -1,5 +1,7 @@
 """The Flax model against Hugging Face PyTorch (fp32), both directions, both families."""
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -184,14 +186,21 @@ def test_blocked_local_attention_equals_masked_square(T):
     blocked = dataclasses.replace(cfg, attention_impl="blocked")
     params = jax.tree_util.tree_map(jnp.asarray, convert.hf_to_params(
         {k: v.numpy() for k, v in hf.state_dict().items()}, cfg))
-    ids = np.random.RandomState(7).randint(0, cfg.vocab_size, (2, T))
-    np.testing.assert_allclose(_flax_logits(blocked, params, ids), _flax_logits(cfg, params, ids), atol=1e-5, rtol=0)
-    pos = np.stack([np.arange(T), np.arange(T) - 5])  # row 1: five left-padding positions
-    square, blocks = (np.asarray(M.Transformer(c).apply({"params": params}, jnp.asarray(ids), jnp.asarray(pos)))
-                      for c in (cfg, blocked))
+    ids = jnp.asarray(np.random.RandomState(7).randint(0, cfg.vocab_size, (2, T)))
+    pos = jnp.asarray(np.stack([np.arange(T), np.arange(T) - 5]))  # row 1: five left-padding positions
+
+    @functools.partial(jax.jit, static_argnums=0)  # compiled: op-by-op Flax is slow on CPU
+    def logits(c, params, ids, pos):
+        return M.Transformer(c).apply({"params": params}, ids, pos)
+
+    positions = jnp.broadcast_to(jnp.arange(T), ids.shape)
+    np.testing.assert_allclose(logits(blocked, params, ids, positions), logits(cfg, params, ids, positions),
+                               atol=1e-5, rtol=0)
+    square, blocks = (np.asarray(logits(c, params, ids, pos)) for c in (cfg, blocked))
     np.testing.assert_allclose(blocks[1, 5:], square[1, 5:], atol=1e-5, rtol=0)
     tokens = jnp.asarray(np.random.RandomState(8).randint(0, cfg.vocab_size, (2, T + 1)))
-    g_square, g_blocks = (jax.grad(loss_fn)(params, tokens, c) for c in (cfg, blocked))
+    grad = jax.jit(jax.grad(loss_fn), static_argnums=2)
+    g_square, g_blocks = (grad(params, tokens, c) for c in (cfg, blocked))
     for a, b in zip(jax.tree_util.tree_leaves(g_blocks), jax.tree_util.tree_leaves(g_square), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
