@@ -300,18 +300,12 @@ class TokenLoader:
         inflight = 2 * self.num_workers
         for start, end, docs, epoch_end in chunks:
             if docs:
-                self._submit(docs)
+                self._pool.submit(worker_encode, docs)
             pending.append((start, end, bool(docs), epoch_end))
             if len(pending) >= inflight:
                 yield self._collect(pending.popleft(), stop)
         while pending:
             yield self._collect(pending.popleft(), stop)
-
-    def _submit(self, docs) -> None:
-        try:
-            self._pool.submit(worker_encode, docs)
-        except WorkerDiedError as e:
-            raise RuntimeError(f"a tokenizer worker process died (killed for memory?): {e}") from None
 
     def _collect(self, item, stop: threading.Event):
         start, end, submitted, epoch_end = item
