@@ -1,4 +1,5 @@
-"""Worker processes for the loader: tasks go round-robin, results come back in submission order.
+"""Worker processes for the loader, dedup and the token cache build: tasks go round-robin,
+results come back in submission order.
 
 Why not ``multiprocessing.Pool``: its workers share one task pipe guarded by a lock that an idle
 worker holds while it waits for work, so a worker killed while idle (out of memory, an operator)
