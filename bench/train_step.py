@@ -31,9 +31,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from train import config as config_lib  # noqa: E402
-from train import metrics, sharding  # noqa: E402
-from train.model import init_params  # noqa: E402
-from train.step import compile_steps, loss_sum_fn  # noqa: E402
+from train.core import metrics, sharding  # noqa: E402
+from train.core.model import init_params  # noqa: E402
+from train.core.step import compile_steps, loss_sum_fn  # noqa: E402
 
 QUICK_OVERRIDES = ["model.vocab_size=4096", "train.batch_size=8", "data.block_size=128", "mesh.data=-1"]
 PEER_VENV = ROOT / "bench" / ".peer-venv"
@@ -85,7 +85,7 @@ class PeerRunner:
     """The peer's step in a worker process of its own venv (``bench/peer_step.py``), same protocol."""
 
     def __init__(self, cfg, batch_path: str, warmup: int, venv: Path):
-        from train.convert import hf_config_dict
+        from train.interop.convert import hf_config_dict
 
         py = ensure_peer_venv(venv)
         args = {

@@ -278,7 +278,7 @@ def test_checkpoint_grows_embedding_and_optimizer_and_training_continues(tiny_co
     import jax
     import jax.numpy as jnp
 
-    from train import step
+    from train.core import step
     from train.trainer import restore_state
 
     data, tok_dir = tiny_corpus

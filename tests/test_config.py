@@ -95,7 +95,7 @@ def test_fused_attention_refuses_what_it_cannot_do():
                                        "model.vocab_size=256"])
     import jax
 
-    from train.model import init_params
+    from train.core.model import init_params
 
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="^model.attention_impl: cudnn needs a CUDA GPU"):

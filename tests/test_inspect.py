@@ -28,8 +28,8 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def result(hf_dir, tmp_path_factory):
-    from train.generate import load_model
-    from train.inspect import inspect_model
+    from train.inference.decoding import load_model
+    from train.reports.model_inspect import inspect_model
 
     cfg, params, tok = load_model(hf_dir=str(hf_dir))
     out = tmp_path_factory.mktemp("inspect")
@@ -90,7 +90,7 @@ def test_tables_and_page(result):
 
 
 def test_cli(hf_dir, tmp_path):
-    from train.inspect import main
+    from train.reports.model_inspect import main
 
     main(["--hf", str(hf_dir), "--text", "x = 1", "--out", str(tmp_path), "--top-k", "2"])
     assert (tmp_path / "index.html").exists() and (tmp_path / "attention_layer1.png").exists()
@@ -103,10 +103,10 @@ def test_run_checkpoint(hf_dir, tmp_path):
 
     from tests.helpers import tiny_config
     from train import config as C
-    from train import sharding
-    from train.checkpoint import Checkpointer
-    from train.inspect import main
-    from train.step import compile_steps
+    from train.core import sharding
+    from train.core.checkpoint import Checkpointer
+    from train.core.step import compile_steps
+    from train.reports.model_inspect import main
 
     run = tmp_path / "run"
     cfg = tiny_config(f"tokenizer.path={hf_dir}", "train.batch_size=1", "mesh.data=1")

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train.loss import output_loss_sum, token_losses
+from train.core.loss import output_loss_sum, token_losses
 
 B, T, D, V_PAD, V = 3, 10, 16, 40, 37  # 3 padded vocabulary rows, T not a multiple of the chunks
 

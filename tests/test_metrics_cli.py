@@ -2,7 +2,7 @@
 
 import json
 
-from train.metrics import main
+from train.core.metrics import main
 
 
 def _write(run, losses):

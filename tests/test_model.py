@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.helpers import tiny_hf_gpt2, tiny_hf_gpt_neo
-from train import convert
-from train import model as M
 from train.config import ModelConfig
+from train.core import model as M
+from train.interop import convert
 
 FP32 = ModelConfig(compute_dtype="float32")
 
@@ -120,7 +120,7 @@ def test_loss_gradients_match_hf(make_hf):
     PyTorch autograd's through Hugging Face's model, mapped by the same converter as the weights."""
     import jax
 
-    from train.step import loss_fn
+    from train.core.step import loss_fn
 
     hf = make_hf()
     cfg = convert.model_config_from_hf(hf.config.to_dict(), FP32)
@@ -179,7 +179,7 @@ def test_blocked_local_attention_equals_masked_square(T):
 
     import jax
 
-    from train.step import loss_fn
+    from train.core.step import loss_fn
 
     hf = tiny_hf_gpt_neo()
     cfg = convert.model_config_from_hf(hf.config.to_dict(), FP32)

@@ -168,9 +168,9 @@ def test_two_processes_match_one_process_on_the_same_global_batch(two_process_ru
 
     from data_processing.loader import TokenLoader
     from train import config as C
-    from train import sharding
-    from train.metrics import read_metrics
-    from train.step import compile_steps
+    from train.core import sharding
+    from train.core.metrics import read_metrics
+    from train.core.step import compile_steps
     from train.trainer import resolve, restore_params
 
     run_dir = two_process_run
@@ -215,7 +215,7 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(two_proce
     import numpy as np
 
     from train import config as C
-    from train.metrics import read_metrics
+    from train.core.metrics import read_metrics
     from train.trainer import restore_params, train
 
     run_dir = tmp_path / "run"
@@ -224,7 +224,7 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(two_proce
     cfg = C.load("configs/tiny.yaml", _overrides(tiny_corpus, run_dir) + [
         f"train.max_steps={STEPS + more}", "mesh.data=4", "mesh.fsdp=2"])
     _, saved_8, _ = restore_params(two_process_run, STEPS)
-    from train import sharding
+    from train.core import sharding
 
     other_mesh = sharding.make_mesh(C.replace(cfg, mesh={"data": 4, "fsdp": 2}))
     _, restored, _ = restore_params(run_dir, STEPS, mesh=other_mesh)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from train.config import OptimizerConfig, ScheduleConfig
-from train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
+from train.core.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
 
 
 def test_linear_warmup_then_linear_decay_then_floor():

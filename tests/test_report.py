@@ -8,8 +8,8 @@ import numpy as np
 
 from tests.helpers import tiny_config
 from train import config as C
-from train import report as R
-from train.optimizer import learning_rate_schedule
+from train.core.optimizer import learning_rate_schedule
+from train.reports import run_report as R
 
 
 def _fake_run(path: Path, name: str, lr: float, steps: int = 20, eval_every: int = 5) -> Path:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from data_processing.fim import FIM_TOKENS, infill_prompt
-from train.evaluate_completion import replay
+from train.evaluation.completion import replay
 
 PROMPTS = ["def add(a, b):\n    return", "import os\n", "class Foo:\n    def __init__(self", "x = 1\ny ="]
 
@@ -103,7 +103,7 @@ def _client(url):
 
 
 def _reference(hf_dir, prompt, n):
-    from train.generate import generate_ids, load_model
+    from train.inference.decoding import generate_ids, load_model
 
     cfg, params, tok = _reference.cache.get(str(hf_dir)) or _reference.cache.setdefault(
         str(hf_dir), load_model(hf_dir=str(hf_dir)))
@@ -210,7 +210,7 @@ def _post(url, body):
 
 
 def test_stream_arrives_per_segment_and_adds_up(server):
-    from train.generate import SEGMENT_TOKENS
+    from train.inference.decoding import SEGMENT_TOKENS
 
     url, _ = server
     body = {"prompt": PROMPTS[2], "max_tokens": 64, "temperature": 0}
@@ -231,7 +231,7 @@ def test_stream_arrives_per_segment_and_adds_up(server):
 
 
 def test_stop_string_stops_early_with_the_same_text(server, hf_dir):
-    from train.generate import SEGMENT_TOKENS, decode_text, generate_ids, load_model
+    from train.inference.decoding import SEGMENT_TOKENS, decode_text, generate_ids, load_model
 
     url, _ = server
     cfg, params, tok = _reference.cache.get(str(hf_dir)) or _reference.cache.setdefault(
@@ -260,8 +260,8 @@ def fim_app(fim_hf_dir):
     """An in-process engine + app over the FIM model (so a test can watch what reaches the model)."""
     from fastapi.testclient import TestClient
 
-    from train.generate import load_model
-    from train.serve import Engine, create_app
+    from train.inference.decoding import load_model
+    from train.inference.server import Engine, create_app
 
     engine = Engine(*load_model(hf_dir=str(fim_hf_dir)))
     with TestClient(create_app(engine)) as client:
@@ -270,7 +270,7 @@ def fim_app(fim_hf_dir):
 
 
 def test_fim_suffix_feeds_exactly_the_infill_prompt(fim_app, monkeypatch):
-    from train import generate
+    from train.inference import decoding as generate
 
     client, engine = fim_app
     tok, eos = engine.tok, engine.eos
@@ -303,8 +303,8 @@ def test_fim_suffix_feeds_exactly_the_infill_prompt(fim_app, monkeypatch):
 
 
 def test_engine_hands_out_text_while_decoding(fim_app):
-    from train.generate import SEGMENT_TOKENS
-    from train.serve import Job
+    from train.inference.decoding import SEGMENT_TOKENS
+    from train.inference.server import Job
 
     _, engine = fim_app
     seen = []
@@ -324,7 +324,7 @@ def test_engine_hands_out_text_while_decoding(fim_app):
 
 
 def test_generate_cli_suffix(fim_hf_dir, hf_dir, capsys, monkeypatch):
-    from train import generate
+    from train.inference import decoding as generate
 
     prefix, suffix = "x = 1\ny = ", "\nprint(x + y)\n"
     fed = []
@@ -343,7 +343,7 @@ def test_generate_cli_suffix(fim_hf_dir, hf_dir, capsys, monkeypatch):
 
 
 def test_language_control_code_leads_the_prompt(fim_hf_dir, fim_app, capsys, monkeypatch):
-    from train import generate
+    from train.inference import decoding as generate
 
     fed = []
     real = generate.generate_ids
@@ -372,7 +372,7 @@ def test_language_control_code_leads_the_prompt(fim_hf_dir, fim_app, capsys, mon
 
 
 def test_row_text_holds_back_incomplete_characters_and_stop_prefixes():
-    from train.serve import Completion, RowText
+    from train.inference.server import Completion, RowText
 
     class Bytes:  # one token per byte, decoded like byte-level BPE (broken UTF-8 -> U+FFFD)
         def decode(self, ids, clean_up_tokenization_spaces=False):
@@ -435,7 +435,7 @@ def test_keystrokes_exact_and_empty_proposer():
 
 
 def test_interact_loop_multiline_and_settings():
-    from train.interact import run
+    from train.inference.interact import run
 
     lines = iter([":temp 0.5", ":len 7", "def f(x):", "    return", "", ":bogus", ":quit"])
     seen, out = [], []
@@ -462,7 +462,7 @@ def test_queue_full_429_and_timeout_504_without_model():
 
     from fastapi.testclient import TestClient
 
-    from train.serve import create_app
+    from train.inference.server import create_app
 
     class Stub:
         cfg = SimpleNamespace(max_position_embeddings=64)
@@ -490,7 +490,7 @@ def test_queue_full_429_and_timeout_504_without_model():
 def test_evaluate_completion_cli_on_validation(hf_dir, tiny_corpus, tmp_path, capsys):
     import json
 
-    from train.evaluate_completion import main
+    from train.evaluation.completion import main
 
     data_dir, _ = tiny_corpus
     report = tmp_path / "evaluation.md"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import tiny_config
-from train import sharding, step
+from train.core import sharding, step
 
 MESHES = [(1, 1, 1), (2, 4, 1), (2, 2, 2)]
 

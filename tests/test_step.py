@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import tiny_config
-from train import model as M
-from train import sharding, step
+from train.core import model as M
+from train.core import sharding, step
 
 
 def _tokens(seed=0, batch=8, length=33):

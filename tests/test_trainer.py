@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from train import config as C
-from train.metrics import read_metrics
+from train.core.metrics import read_metrics
 from train.trainer import TrainingError, restore_params, train
 
 
@@ -83,9 +83,9 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy(tiny_corpus, 
     import torch
     from transformers import AutoTokenizer, GPTNeoForCausalLM, pipeline
 
-    from train.export import export
-    from train.generate import generate_ids
-    from train.step import next_token_logits
+    from train.core.step import next_token_logits
+    from train.inference.decoding import generate_ids
+    from train.interop.export import export
 
     cfg = _cfg(tiny_corpus, tmp_path / "run", "train.max_steps=3", "train.eval_every=0")
     train(cfg)

@@ -421,7 +421,7 @@ def _add_to_checkpoint(args) -> int:
     if args.tokenizer is not None or args.hf_model is not None or args.report_data is not None:
         raise AddTokensError("--checkpoint takes no --tokenizer, --hf-model or --report-data (the run names its own)")
     from train.config import ConfigError
-    from train.vocab import add_tokens_to_run
+    from train.interop.vocab import add_tokens_to_run
 
     tokens = _parse_tokens(args.tokens)
     try:

@@ -20,10 +20,11 @@ import jax
 import numpy as np
 
 from train import config as C
-from train import convert, distributed, sharding, vocab
-from train.checkpoint import Checkpointer, gather_host_states
-from train.metrics import MetricsWriter, Throughput, device_peak_flops, measured_cpu_peak_flops
-from train.step import compile_steps
+from train.core import distributed, sharding
+from train.core.checkpoint import Checkpointer, gather_host_states
+from train.core.metrics import MetricsWriter, Throughput, device_peak_flops, measured_cpu_peak_flops
+from train.core.step import compile_steps
+from train.interop import convert, vocab
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -357,8 +358,8 @@ def humaneval_check(cfg: C.Config, params, step: int) -> dict[str, float]:
     greedy for one sample, temperature 0.8 for several; run on process 0."""
     from transformers import AutoTokenizer
 
-    from train.code_eval import humaneval_quick
-    from train.generate import completion_fn_from_params
+    from train.evaluation.code_eval import humaneval_quick
+    from train.inference.decoding import completion_fn_from_params
 
     samples = cfg.train.humaneval_samples
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer.path)
@@ -373,7 +374,7 @@ def _initial_state(cfg: C.Config, compiled):
     """A fresh state: random init, or the weights of ``model.init_from`` with a fresh optimizer."""
     if not cfg.model.init_from:
         return compiled.init(jax.random.PRNGKey(cfg.train.seed))
-    from train.hf_io import load_hf_folder
+    from train.interop.hf_io import load_hf_folder
 
     hf_cfg, params = load_hf_folder(cfg.model.init_from, cfg.model)
     if cfg.model.vocab_size > hf_cfg.vocab_size:

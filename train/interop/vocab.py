@@ -98,7 +98,7 @@ def add_tokens_to_run(run_dir: str | Path, tokens: list[str], out: str | Path | 
     continues training. Returns ``{"added": {token: id}, "skipped": [...], "step": step}``."""
     from tokenizer.add_tokens import add_to_tokenizer, plan_added_tokens, tab_token_id
     from tokenizer.train_tokenizer import load_tokenizer, write_tokenizer_files
-    from train.checkpoint import Checkpointer
+    from train.core.checkpoint import Checkpointer
     from train.trainer import restore_state
 
     run_dir = Path(run_dir).absolute()

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from data_processing.atomic import atomic_dir
-from train import convert
 from train.config import ModelConfig
+from train.interop import convert
 
 
 def load_hf_folder(path: str | os.PathLike, base: ModelConfig | None = None) -> tuple[ModelConfig, dict]:

@@ -19,11 +19,11 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from train import sharding
 from train.config import Config, ModelConfig
-from train.loss import output_loss_sum, token_losses
-from train.model import DTYPES, Transformer, mask_padded_vocab
-from train.optimizer import learning_rate_schedule, make_optimizer
+from train.core import sharding
+from train.core.loss import output_loss_sum, token_losses
+from train.core.model import DTYPES, Transformer, mask_padded_vocab
+from train.core.optimizer import learning_rate_schedule, make_optimizer
 
 
 class TrainState(struct.PyTreeNode):

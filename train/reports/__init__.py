@@ -1,0 +1,1 @@
+"""Reports: the run report (figures + HTML) and model inspection."""
