@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-FIM_PREFIX = "<|fim_prefix|>"
-FIM_SUFFIX = "<|fim_suffix|>"
-FIM_MIDDLE = "<|fim_middle|>"
-FIM_TOKENS = (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)
+from data_processing.tokens import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
 
 def split_points(n_chars: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -41,8 +38,3 @@ def infill_prompt(prefix: str, suffix: str) -> str:
     middle after it and ends it with ``<|endoftext|>``."""
     return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
 
-
-def sentinel_ids(tokenizer) -> tuple[int, int, int] | None:
-    """Ids of the three sentinels in a ``tokenizers.Tokenizer``, or None if any is missing."""
-    ids = [tokenizer.token_to_id(t) for t in FIM_TOKENS]
-    return None if any(i is None for i in ids) else (int(ids[0]), int(ids[1]), int(ids[2]))

@@ -33,17 +33,11 @@ from typing import Any
 import numpy as np
 
 from data_processing.docstream import EPOCH_END, HOST_SPLITS, DocStream, epoch_start
-from data_processing.packing import (
-    DocumentEncoder,
-    EncodeOptions,
-    Packer,
-    init_worker,
-    tokenizer_file,
-    worker_encode,
-)
+from data_processing.packing import DocumentEncoder, EncodeOptions, Packer, init_worker, worker_encode
 from data_processing.shards import BadRecordCounter
 from data_processing.sources import HFDatasetSource, ShardSource, make_source
 from data_processing.token_cache import CachedShardSource, TokenCache
+from data_processing.tokens import tokenizer_file
 from data_processing.workers import WorkerDiedError, WorkerProcesses
 
 __all__ = ["EncodeOptions", "HFDatasetSource", "LoaderState", "ShardSource", "TokenLoader", "validation_batches"]

@@ -19,36 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from data_processing.fim import FIM_TOKENS, fim_pieces, sentinel_ids
-
-EOS_TOKEN = "<|endoftext|>"
-
-
-def tokenizer_file(tokenizer_path: str | os.PathLike) -> str:
-    """``tokenizer.json`` inside a tokenizer folder (or the file itself)."""
-    path = os.fspath(tokenizer_path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no tokenizer.json (expected a tokenizer folder or file)")
-    return path
-
-
-def load_tokenizer(tokenizer_path: str | os.PathLike):
-    """Load a fast ``tokenizers.Tokenizer`` and the id of ``<|endoftext|>``; error if it lacks one."""
-    from tokenizers import Tokenizer
-
-    path = tokenizer_file(tokenizer_path)
-    tokenizer = Tokenizer.from_file(path)
-    eos_id = tokenizer.token_to_id(EOS_TOKEN)
-    if eos_id is None:
-        raise ValueError(f"{path}: tokenizer has no {EOS_TOKEN!r} token, needed between documents")
-    return tokenizer, int(eos_id)
-
-
-def control_token(language: str) -> str:
-    """The control-code token of a language: ``<|python|>``, ``<|c++|>``, ..."""
-    return f"<|{language.lower()}|>"
+from data_processing.fim import fim_pieces
+from data_processing.tokens import FIM_TOKENS, control_token, load_tokenizer_file, sentinel_ids, tokenizer_file
 
 
 @dataclass(frozen=True)
@@ -98,7 +70,7 @@ class DocumentEncoder:
 
     def __init__(self, tokenizer_path: str | os.PathLike, options: EncodeOptions | None = None):
         self.options = options or EncodeOptions()
-        self.tokenizer, self.eos_id = load_tokenizer(tokenizer_path)
+        self.tokenizer, self.eos_id = load_tokenizer_file(tokenizer_path)
         self.path = tokenizer_file(tokenizer_path)
         # encode_batch_fast skips offset tracking, which we never use; Rust threads do the work.
         self._encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)

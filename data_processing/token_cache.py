@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from data_processing.packing import load_tokenizer, tokenizer_file
 from data_processing.shards import BadRecordCounter, ShardError, iter_lines, list_shards, parse_record
 from data_processing.sources import Document, Owned, ShardSource, _always, _count_bad, _language
+from data_processing.tokens import load_tokenizer_file, tokenizer_file
 from data_processing.workers import WorkerDiedError, WorkerProcesses
 
 CACHE_VERSION = 1
@@ -224,7 +224,7 @@ def _init_builder(tokenizer_path: str, progress_queue, sequential: bool) -> None
         # Several builder processes already use every core: Rust threads in each would only
         # contend (one process per shard measured ~10% faster than one process with threads).
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tokenizer, _ = load_tokenizer(tokenizer_path)
+    tokenizer, _ = load_tokenizer_file(tokenizer_path)
     _builder.update(tokenizer=tokenizer, vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
                     queue=progress_queue, tok_hash=tokenizer_hash(tokenizer_path))
 

@@ -146,23 +146,23 @@ def test_tokenizer_folder_indentation_roundtrip_report_and_rerun(tmp_path, capsy
     assert (out / "tokenizer.json").read_bytes() == before
 
 
-def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+def test_cli_errors_are_one_clear_line(tmp_path, capfd):
     src = tmp_path / "tok"
     small_tokenizer(400).save_pretrained(str(src))
-    assert main(["--checkpoint", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip()
+    assert main(["--checkpoint", str(tmp_path / "run")]) == 2  # handed to train.interop.vocab's process
+    err = capfd.readouterr().err.strip()
     assert err == (f"error: --checkpoint {tmp_path / 'run'}: no config.yaml "
                    "(expected a run directory of python -m train)")
     assert main(["--tokenizer", str(src), "--tokens", '["  ", "\\t"]']) == 2
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert (
         err.startswith("error: token '\\t' already exists in the base vocabulary as id 197 ('ĉ')")
         and "\n" not in err
     )
     assert main(["--tokenizer", str(src), "--tokens", "not json"]) == 2
-    assert "--tokens: expected a JSON list of strings" in capsys.readouterr().err
+    assert "--tokens: expected a JSON list of strings" in capfd.readouterr().err
     assert main(["--hf-model", str(src), "--out", str(tmp_path / "m")]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert f"{src}: not a loadable Hugging Face causal LM folder" in err and "\n" not in err
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
     assert len(load_tokenizer(src)) == 400, "a failed run changed the tokenizer"
@@ -267,7 +267,7 @@ def test_hf_gpt_neo_folder_roundtrip(tmp_path, capsys, dtype_name, legacy, tied)
 
 
 @pytest.mark.slow
-def test_checkpoint_grows_embedding_and_optimizer_and_training_continues(tiny_corpus, tmp_path, capsys):
+def test_checkpoint_grows_embedding_and_optimizer_and_training_continues(tiny_corpus, tmp_path, capfd):
     """--checkpoint RUN: tokenizer + config + latest checkpoint grow together (512 -> 516 tokens,
     512 -> 640 padded rows); old rows exact, new rows = tab row, new optimizer moments zero,
     logits of text without the new tokens unchanged; training continues from the new run."""
@@ -279,7 +279,7 @@ def test_checkpoint_grows_embedding_and_optimizer_and_training_continues(tiny_co
     import jax.numpy as jnp
 
     from train.core import step
-    from train.trainer import restore_state
+    from train.core.run_dir import restore_state
 
     data, tok_dir = tiny_corpus
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "WANDB_MODE": "disabled"}
@@ -297,7 +297,7 @@ def test_checkpoint_grows_embedding_and_optimizer_and_training_continues(tiny_co
     train("configs/tiny.yaml", "--set", f"tokenizer.path={tok_dir}", "--set", f"run.output_dir={run}",
           "--set", "train.max_steps=2")
     assert main(["--checkpoint", str(run), "--out", str(grown)]) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     assert printed.count("added ") == 4 and "continue with: python -m train" in printed
 
     cfg0, s0, _, _ = restore_state(run)
@@ -325,7 +325,7 @@ def test_checkpoint_grows_embedding_and_optimizer_and_training_continues(tiny_co
     np.testing.assert_allclose(np.asarray(after)[..., :512], np.asarray(before), rtol=1e-5, atol=1e-5)
 
     assert main(["--checkpoint", str(grown)]) == 0
-    assert "nothing to add" in capsys.readouterr().out
+    assert "nothing to add" in capfd.readouterr().out
     out = train(grown / "config.yaml", "--set", "train.max_steps=4")
     assert "resumed from step 2" in out
     assert restore_state(grown)[3]["step"] == 4

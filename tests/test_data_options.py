@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_processing.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, FIM_TOKENS, infill_prompt
+from data_processing.fim import infill_prompt
 from data_processing.loader import TokenLoader, validation_batches
-from data_processing.packing import DocumentEncoder, EncodeOptions, control_token, cut_windows
+from data_processing.packing import DocumentEncoder, EncodeOptions, cut_windows
 from data_processing.shards import write_shard
 from data_processing.sources import Document
+from data_processing.tokens import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, FIM_TOKENS, control_token
 from tests.helpers import byte_level_bpe, stdlib_documents, stdlib_texts
 
 LANGS = ["Python", "Shell"]

@@ -68,10 +68,10 @@ def test_control_codes_and_fim_grow_the_vocabulary_from_a_checkpoint(tiny_corpus
     import numpy as np
     from transformers import AutoTokenizer
 
-    from data_processing.fim import FIM_TOKENS
+    from data_processing.tokens import FIM_TOKENS
     from train.config import DataConfig
+    from train.core.run_dir import restore_params
     from train.interop.vocab import special_tokens_for
-    from train.trainer import restore_params
 
     _, tok_dir = tiny_corpus
     hf = tiny_hf_gpt2(vocab_size=512)

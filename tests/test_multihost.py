@@ -170,8 +170,9 @@ def test_two_processes_match_one_process_on_the_same_global_batch(two_process_ru
     from train import config as C
     from train.core import sharding
     from train.core.metrics import read_metrics
+    from train.core.run_dir import restore_params
     from train.core.step import compile_steps
-    from train.trainer import resolve, restore_params
+    from train.run import resolve
 
     run_dir = two_process_run
     b0, b1 = (np.load(run_dir / f"debug_batches_p{i}.npy") for i in range(2))
@@ -216,7 +217,8 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(two_proce
 
     from train import config as C
     from train.core.metrics import read_metrics
-    from train.trainer import restore_params, train
+    from train.core.run_dir import restore_params
+    from train.run import train
 
     run_dir = tmp_path / "run"
     shutil.copytree(two_process_run, run_dir)

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from data_processing.fim import FIM_TOKENS, infill_prompt
+from data_processing.fim import infill_prompt
+from data_processing.tokens import FIM_TOKENS
 from train.evaluation.completion import replay
 
 PROMPTS = ["def add(a, b):\n    return", "import os\n", "class Foo:\n    def __init__(self", "x = 1\ny ="]

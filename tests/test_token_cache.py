@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from data_processing import token_cache as tc
-from data_processing.fim import FIM_TOKENS
 from data_processing.loader import TokenLoader
-from data_processing.packing import EncodeOptions, control_token
+from data_processing.packing import EncodeOptions
 from data_processing.shards import ShardError, write_shard
 from data_processing.token_cache import TokenCacheError, build_cache
+from data_processing.tokens import FIM_TOKENS, control_token
 from tests.helpers import byte_level_bpe, stdlib_documents, stdlib_texts
 
 BLOCK, BATCH = 32, 3

@@ -10,7 +10,8 @@ import pytest
 
 from train import config as C
 from train.core.metrics import read_metrics
-from train.trainer import TrainingError, restore_params, train
+from train.core.run_dir import restore_params
+from train.run import TrainingError, train
 
 
 def _cfg(tiny_corpus, run_dir, *extra):

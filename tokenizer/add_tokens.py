@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -394,7 +395,7 @@ def run(
     return summary
 
 
-def _parse_tokens(text: str | None) -> list[str]:
+def parse_tokens(text: str | None) -> list[str]:
     if text is None:
         return list(DEFAULT_WHITESPACE_TOKENS)
     try:
@@ -408,7 +409,7 @@ def _parse_tokens(text: str | None) -> list[str]:
     return value
 
 
-def _print_added(summary: dict) -> None:
+def print_added(summary: dict) -> None:
     row = summary["init_row"]
     source = "the mean row" if row is None else f"tab id {row}"
     for token, idx in summary["added"].items():
@@ -416,26 +417,17 @@ def _print_added(summary: dict) -> None:
 
 
 def _add_to_checkpoint(args) -> int:
-    """``--checkpoint RUN_DIR``: the work needs JAX and the trainer's checkpoint format, so it
-    lives in ``train/vocab.py``; imported only here, the rest of this module stays JAX-free."""
+    """``--checkpoint RUN_DIR``: the work needs JAX and the trainer's checkpoint format, so it is
+    handed to ``python -m train.interop.vocab`` in a process of its own; this package never
+    imports JAX or ``train``."""
     if args.tokenizer is not None or args.hf_model is not None or args.report_data is not None:
         raise AddTokensError("--checkpoint takes no --tokenizer, --hf-model or --report-data (the run names its own)")
-    from train.config import ConfigError
-    from train.interop.vocab import add_tokens_to_run
-
-    tokens = _parse_tokens(args.tokens)
-    try:
-        summary = add_tokens_to_run(args.checkpoint, tokens, args.out, special=args.special)
-    except (ConfigError, FileNotFoundError) as err:
-        raise AddTokensError(str(err)) from err
-    out = args.out or args.checkpoint
-    if not summary["added"]:
-        print(f"nothing to add: {json.dumps(summary['skipped'])} already added; {args.checkpoint} left as it was")
-        return 0
-    _print_added(summary)
-    print(f"wrote {out} (checkpoint step {summary['step']}, tokenizer, config.yaml); "
-          f"continue with: python -m train --config {out}/config.yaml")
-    return 0
+    command = [sys.executable, "-m", "train.interop.vocab", "--checkpoint", args.checkpoint]
+    command += ["--tokens", args.tokens] if args.tokens is not None else []
+    command += ["--out", args.out] if args.out is not None else []
+    command += ["--special"] if args.special else []
+    sys.stdout.flush()
+    return subprocess.call(command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             return _add_to_checkpoint(args)
         if args.tokenizer is None and args.hf_model is None:
             raise AddTokensError("give --tokenizer DIR, --hf-model DIR, or both")
-        tokens = _parse_tokens(args.tokens)
+        tokens = parse_tokens(args.tokens)
         source = args.hf_model if args.hf_model is not None else args.tokenizer
         out = args.out if args.out is not None else source
         summary = run(
@@ -485,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     if not summary["added"]:
         print(f"nothing to add: {json.dumps(summary['skipped'])} already added; {out} left as it was")
         return 0
-    _print_added(summary)
+    print_added(summary)
     if summary["skipped"]:
         print(f"already present, skipped: {json.dumps(summary['skipped'])}")
     if "report" in summary:

@@ -25,8 +25,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from data_processing.atomic import atomic_dir
+from data_processing.tokens import EOS_TOKEN
 
-EOS_TOKEN = "<|endoftext|>"
 DEFAULT_MODEL_MAX_LENGTH = 2048  # GPT-Neo's context length
 
 

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
         if args.check:
             print(C.dump(cfg), end="")
             return 0
-        from train.trainer import train
+        from train.run import train
 
         train(cfg)
     except C.ConfigError as err:

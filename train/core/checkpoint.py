@@ -25,13 +25,14 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "loader", "meta"))
+        # PyTreeCheckpointHandler (what StandardSave uses underneath) also restores a subtree.
+        handlers = {"state": ocp.PyTreeCheckpointHandler(), "loader": ocp.JsonCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
 
     def save(self, step: int, state, loader_states: dict[str, Any], meta: dict[str, Any], *, force: bool = False):
         """Save ``state`` (a pytree of global jax.Arrays), the JSON loader states of all hosts,
@@ -39,7 +40,7 @@ class Checkpointer:
         return self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.PyTreeSave(state),
                 loader=ocp.args.JsonSave(loader_states),
                 meta=ocp.args.JsonSave(meta),
             ),
@@ -49,17 +50,35 @@ class Checkpointer:
     def restore(self, step: int | None, target_state) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """Restore checkpoint ``step`` (latest if None) into the shapes/dtypes/shardings of
         ``target_state`` (a pytree of arrays or ``jax.ShapeDtypeStruct`` with shardings)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        step = self._step(step)
         abstract = jax.tree_util.tree_map(_abstract, target_state)
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+                state=_restore_args(abstract), loader=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
             ),
         )
         return out["state"], out["loader"], out["meta"]
+
+    def restore_params(self, step: int | None, target_params) -> tuple[Any, dict[str, Any]]:
+        """``(params, meta)`` of checkpoint ``step`` (latest if None): only the parameters are
+        read (a partial restore), never the optimizer moments."""
+        step = self._step(step)
+        abstract = {"params": jax.tree_util.tree_map(_abstract, target_params)}
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=_restore_args(abstract, partial=True), meta=ocp.args.JsonRestore()),
+        )
+        return out["state"]["params"], out["meta"]
+
+    def restore_meta(self, step: int | None) -> dict[str, Any]:
+        """The JSON ``meta`` item of checkpoint ``step`` (latest if None)."""
+        return self.manager.restore(self._step(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def _step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        return step
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""
@@ -68,6 +87,12 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _restore_args(abstract, partial: bool = False):
+    """Restore arguments for a pytree of ``ShapeDtypeStruct`` targets (dtype and sharding per leaf)."""
+    return ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                  partial_restore=partial)
 
 
 def _abstract(x):

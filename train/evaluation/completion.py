@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from data_processing.tokens import EOS_TOKEN
+
 
 def replay(text: str, propose: Callable[[str], str]) -> dict:
     """Keystroke accounting of one file typed with ``propose(prefix_text) -> proposal``."""
@@ -69,7 +71,7 @@ def model_proposer(cfg, params, tok, *, max_new_tokens: int = 32, context_tokens
     """``propose(prefix) -> rest of line`` by greedy decoding (the last ``context_tokens`` of the prefix)."""
     from train.inference.decoding import generate_ids
 
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    eos = tok.convert_tokens_to_ids(EOS_TOKEN)
     limit = context_tokens or (cfg.max_position_embeddings - max_new_tokens)
 
     def propose(prefix: str) -> str:

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_processing.fim import FIM_TOKENS, infill_prompt, sentinel_ids
-from data_processing.packing import control_token
+from data_processing.fim import infill_prompt
+from data_processing.tokens import EOS_TOKEN, FIM_TOKENS, control_token, sentinel_ids
 from train.config import ModelConfig
 from train.core import model as M
 
@@ -248,7 +248,7 @@ def load_model(run_dir: str | None = None, hf_dir: str | None = None, step: int 
     if (run_dir is None) == (hf_dir is None):
         raise ValueError("give exactly one of --run and --hf")
     if run_dir is not None:
-        from train.trainer import restore_params
+        from train.core.run_dir import restore_params
 
         cfg, params, _ = restore_params(run_dir, step)
         tok_path = cfg.tokenizer.path
@@ -275,7 +275,7 @@ def completion_fn_from_params(mcfg: ModelConfig, params, tok, *, temperature: fl
                               top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 16):
     """Like ``make_completion_fn`` over parameters already in memory (used during training).
     Prompts longer than the model's positions allow are cut from the left."""
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    eos = tok.convert_tokens_to_ids(EOS_TOKEN)
     max_new_tokens = min(max_new_tokens, mcfg.max_position_embeddings // 2)
     keep = mcfg.max_position_embeddings - max_new_tokens
 
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         mcfg, params, tok = load_model(args.run, args.hf, args.step)
-        eos = tok.convert_tokens_to_ids("<|endoftext|>")
+        eos = tok.convert_tokens_to_ids(EOS_TOKEN)
         if args.suffix is not None and fim_sentinels(tok, mcfg) is None:
             raise ValueError(f"--suffix: {NOT_FIM}")
         ids = encode_prompt(tok, args.prompt, args.suffix, mcfg, language=args.language)

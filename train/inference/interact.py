@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data_processing.tokens import EOS_TOKEN
+
 
 def run(complete, settings: dict, read=input, write=print) -> None:
     """The prompt loop over ``complete(text, **settings) -> str``; ``read``/``write`` for tests."""
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     from train.inference.decoding import generate_ids, load_model
 
     cfg, params, tok = load_model(args.run, args.hf)
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    eos = tok.convert_tokens_to_ids(EOS_TOKEN)
 
     def complete(text, *, temperature, max_new_tokens, top_p, seed):
         ids = tok.encode(text)[-(cfg.max_position_embeddings - max_new_tokens):]

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from data_processing.tokens import EOS_TOKEN
+
 BATCH_BUCKETS = (1, 4, 16)
 TOKEN_BUCKETS = (16, 64, 256)
 
@@ -164,7 +166,7 @@ class Engine:
         from train.inference.decoding import fim_sentinels
 
         self.cfg, self.params, self.tok = cfg, params, tokenizer
-        self.eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
         if not isinstance(self.eos, int) or self.eos < 0 or self.eos >= cfg.vocab_size:
             self.eos = None
         self.fim = fim_sentinels(tokenizer, cfg) is not None  # trained with fill-in-the-middle

@@ -13,8 +13,9 @@ import jax
 def export(run_dir: str, out: str, step: int | None = None, best: bool = False):
     """Export checkpoint ``step`` (latest if None; the best-by-eval one with ``best``) of
     ``run_dir`` to ``out``; returns (path, step)."""
+    from data_processing.tokens import tokenizer_info
+    from train.core.run_dir import restore_params
     from train.interop.hf_io import save_hf_folder
-    from train.trainer import restore_params, tokenizer_info
 
     cfg, params, at = restore_params(run_dir, step, best=best)
     _, eos = tokenizer_info(cfg.tokenizer.path)

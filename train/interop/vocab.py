@@ -17,9 +17,8 @@ import jax
 import numpy as np
 
 from data_processing.atomic import atomic_dir
-from data_processing.fim import FIM_TOKENS
 from data_processing.languages import LANGUAGES
-from data_processing.packing import control_token
+from data_processing.tokens import FIM_TOKENS, control_token
 from train import config as C
 
 
@@ -99,7 +98,7 @@ def add_tokens_to_run(run_dir: str | Path, tokens: list[str], out: str | Path | 
     from tokenizer.add_tokens import add_to_tokenizer, plan_added_tokens, tab_token_id
     from tokenizer.train_tokenizer import load_tokenizer, write_tokenizer_files
     from train.core.checkpoint import Checkpointer
-    from train.trainer import restore_state
+    from train.core.run_dir import restore_state
 
     run_dir = Path(run_dir).absolute()
     out = run_dir if out is None else Path(out).absolute()
@@ -159,3 +158,37 @@ def grow_state_vocab(state, old: C.ModelConfig, new: C.ModelConfig, fill_row: in
         return out
 
     return jax.tree_util.tree_map_with_path(grow, state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m train.interop.vocab --checkpoint RUN [--tokens JSON] [--out DIR] [--special]``:
+    what ``python -m tokenizer.add_tokens --checkpoint`` hands over to; returns the exit status."""
+    import argparse
+    import json
+    import sys
+
+    from tokenizer.add_tokens import AddTokensError, parse_tokens, print_added
+
+    ap = argparse.ArgumentParser(prog="python -m tokenizer.add_tokens --checkpoint", description=main.__doc__)
+    ap.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
+    ap.add_argument("--tokens", metavar="JSON")
+    ap.add_argument("--out", metavar="DIR")
+    ap.add_argument("--special", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        summary = add_tokens_to_run(args.checkpoint, parse_tokens(args.tokens), args.out, special=args.special)
+    except (AddTokensError, C.ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or args.checkpoint
+    if not summary["added"]:
+        print(f"nothing to add: {json.dumps(summary['skipped'])} already added; {args.checkpoint} left as it was")
+        return 0
+    print_added(summary)
+    print(f"wrote {out} (checkpoint step {summary['step']}, tokenizer, config.yaml); "
+          f"continue with: python -m train --config {out}/config.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
