@@ -258,7 +258,7 @@ def run_ours(
 def start_spark(master: str = "local[2]"):
     """``(session, seconds to start it, whether it is new)``; raises ``SparkUnavailableError``
     without PySpark or Java."""
-    from data_processing.spark_util import get_session, require_spark
+    from data_processing.dedup.spark_util import get_session, require_spark
 
     require_spark()
     from pyspark.sql import SparkSession
@@ -271,7 +271,7 @@ def start_spark(master: str = "local[2]"):
 
 def run_spark(records: list[dict], spark, threshold: float = THRESHOLD) -> tuple[list[int], float]:
     """Cluster ids (in record order) from the Spark engine, and wall seconds of stages 1-5."""
-    from data_processing.dedup_spark import plan_spark
+    from data_processing.dedup.spark import plan_spark
 
     with tempfile.TemporaryDirectory() as tmp:
         write_input(records, tmp)
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
         out["datasketch"] = {**score(cluster, pairs), "mb_per_s": total_mb / secs, "seconds": secs}
         print(f"datasketch: {json.dumps(out['datasketch'])}", flush=True)
     if "spark" in engines:
-        from data_processing.spark_util import SparkUnavailableError
+        from data_processing.dedup.spark_util import SparkUnavailableError
 
         try:
             spark, startup, fresh = start_spark()

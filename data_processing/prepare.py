@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from data_processing import filters, ingest
-from data_processing.dedup import DedupParams, Workers, plan_dedup, write_json_atomic
+from data_processing.atomic import write_json_atomic
+from data_processing.dedup import DedupParams, Workers, plan_dedup
 from data_processing.minhash import hash_bytes
 from data_processing.shards import BadRecordCounter, ShardError, ShardSetWriter, iter_records
 

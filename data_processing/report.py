@@ -9,19 +9,16 @@ no jax and nothing from ``train/``. Plotting functions return the plotted series
 from __future__ import annotations
 
 import argparse
-import html
 import json
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
+from data_processing.html_page import img, page, table
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
-         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}"
-         "img{max-width:100%;border:1px solid #ddd;margin:.5em 0}")
 
 
 def load_report(data_dir: str | Path) -> dict[str, Any]:
@@ -138,26 +135,6 @@ def plot_split(report: dict[str, Any], path: Path | None = None) -> dict[str, di
     return split
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, int) and not isinstance(v, bool):
-        return f"{v:,}"
-    return str(v)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _img(name: str) -> str:
-    return f"<img src='{html.escape(name)}' alt='{html.escape(name)}'>"
-
-
 FIGURES = ["languages.png", "dropped.png", "dedup_clusters.png", "split.png"]
 
 
@@ -178,29 +155,25 @@ def write_report(data_dir: str | Path, out: str | Path) -> Path:
     cluster_rows = [[c.get("size"), c.get("survivor"), ", ".join(c.get("examples", []))] for c in largest]
     ingest = rep.get("ingest", {})
     sections = [
-        ("Overview", _table(["files seen", "kept by ingest", "after filters", "after dedup", "train", "validation"],
+        ("Overview", table(["files seen", "kept by ingest", "after filters", "after dedup", "train", "validation"],
                             [[ingest.get("files_seen"), ingest.get("files_kept"),
                               rep.get("filters", {}).get("kept", {}).get("files"),
                               rep.get("dedup", {}).get("output", {}).get("files"),
                               split["train"]["files"], split["validation"]["files"]]])),
-        ("Languages", _img("languages.png") + _table(
+        ("Languages", img("languages.png") + table(
             ["language", "ingested files", "ingested bytes", "train files", "train bytes", "validation files",
              "validation bytes"], lang_rows)),
-        ("Dropped", _img("dropped.png") + _table(["stage:reason", "files", "bytes"],
+        ("Dropped", img("dropped.png") + table(["stage:reason", "files", "bytes"],
                                                  [[k, v["files"], v["bytes"]] for k, v in drops.items()])),
-        ("Dedup clusters", _img("dedup_clusters.png") + _table(["size", "survivor", "removed examples"],
+        ("Dedup clusters", img("dedup_clusters.png") + table(["size", "survivor", "removed examples"],
                                                                 cluster_rows)),
-        ("Train / validation split", _img("split.png") + _table(
+        ("Train / validation split", img("split.png") + table(
             ["split", "files", "bytes", "repositories"], [[s, *split[s].values()] for s in ("train", "validation")])),
     ]
     title = f"codeneo data report: {Path(data_dir)}"
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
-    parts += [f"<h2>{html.escape(h)}</h2>{c}" for h, c in sections]
-    parts.append("</body></html>")
-    page = out / "index.html"
-    page.write_text("\n".join(parts))
-    return page
+    index = out / "index.html"
+    index.write_text(page(title, sections))
+    return index
 
 
 def main(argv: list[str] | None = None) -> None:

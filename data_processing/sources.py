@@ -40,7 +40,8 @@ class Document(NamedTuple):
     tokens: np.ndarray | None = None
 
 
-def _language(record: dict) -> str | None:
+def record_language(record: dict) -> str | None:
+    """The record's language (``meta.language``, else a top-level ``language``), or None."""
     meta = record.get("meta")
     language = meta.get("language") if isinstance(meta, dict) else None
     if language is None:
@@ -48,7 +49,8 @@ def _language(record: dict) -> str | None:
     return language if isinstance(language, str) else None
 
 
-def _always(_line: int) -> bool:
+def every_line(_line: int) -> bool:
+    """The line filter that keeps every line (one host, or whole shards per host)."""
     return True
 
 
@@ -75,7 +77,7 @@ class ShardSource:
         unit: int,
         *,
         start_line: int = 0,
-        owned: Owned = _always,
+        owned: Owned = every_line,
         skip_bad: bool = False,
         bad: BadRecordCounter | None = None,
     ) -> Iterator[tuple[int, Document | None]]:
@@ -93,7 +95,7 @@ class ShardSource:
                 # A corrupt compressed stream ends the shard: nothing after it is readable.
                 if not skip_bad:
                     raise
-                _count_bad(bad, "unreadable shard", str(err))
+                count_bad(bad, "unreadable shard", str(err))
                 return
             if not owned(lineno) or not line.strip():
                 yield lineno, None
@@ -104,10 +106,10 @@ class ShardSource:
             except ShardError as err:
                 if not skip_bad:
                     raise
-                _count_bad(bad, str(err)[len(where) + 2 :], where)
+                count_bad(bad, str(err)[len(where) + 2 :], where)
                 yield lineno, None
                 continue
-            yield lineno, Document(record["text"], _language(record))
+            yield lineno, Document(record["text"], record_language(record))
 
 
 # Builders of ``load_dataset`` that read local or remote files the caller names; anything else
@@ -178,7 +180,7 @@ class HFDatasetSource:
         unit: int,
         *,
         start_line: int = 0,
-        owned: Owned = _always,
+        owned: Owned = every_line,
         skip_bad: bool = False,
         bad: BadRecordCounter | None = None,
     ) -> Iterator[tuple[int, Document | None]]:
@@ -197,13 +199,13 @@ class HFDatasetSource:
                 message = f"example has no string field {self.text_field!r}"
                 if not skip_bad:
                     raise ShardError(f"{where}: {message}")
-                _count_bad(bad, message, where)
+                count_bad(bad, message, where)
                 yield index, None
                 continue
-            yield index, Document(text, _language(example))
+            yield index, Document(text, record_language(example))
 
 
-def _count_bad(bad: BadRecordCounter | None, reason: str, where: str) -> None:
+def count_bad(bad: BadRecordCounter | None, reason: str, where: str) -> None:
     logger.warning("skipping bad input at %s: %s", where, reason)
     if bad is not None:
         bad.add(reason, where)

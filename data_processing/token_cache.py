@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from data_processing.shards import BadRecordCounter, ShardError, iter_lines, list_shards, parse_record
-from data_processing.sources import Document, Owned, ShardSource, _always, _count_bad, _language
+from data_processing.sources import Document, Owned, ShardSource, count_bad, every_line, record_language
 from data_processing.tokens import load_tokenizer_file, tokenizer_file
 from data_processing.workers import WorkerDiedError, WorkerProcesses
 
@@ -145,7 +145,7 @@ def _encode_shard(shard: str, tokenizer, vocab_size: int, report: Callable[[int,
             kinds.append(_BAD)
             bad[str(lineno)] = str(err)[len(where) + 2 :]
             continue
-        language = _language(record)
+        language = record_language(record)
         if language not in language_index:
             language_index[language] = len(languages)
             languages.append(language)
@@ -410,7 +410,7 @@ class CachedUnit:
                 where, reason = f"{self.shard}:{line}", self.meta["bad"][str(line)]
                 if not skip_bad:
                     raise ShardError(f"{where}: {reason}")
-                _count_bad(bad, reason, where)
+                count_bad(bad, reason, where)
                 yield line, None
             else:
                 yield line, Document(None, languages[kind], (), tokens[offsets[line - 1] : offsets[line]])
@@ -418,7 +418,7 @@ class CachedUnit:
         if unreadable:
             if not skip_bad:
                 raise ShardError(unreadable)
-            _count_bad(bad, "unreadable shard", unreadable)
+            count_bad(bad, "unreadable shard", unreadable)
 
 
 class TokenCache:
@@ -475,7 +475,7 @@ class CachedShardSource:
         unit: int,
         *,
         start_line: int = 0,
-        owned: Owned = _always,
+        owned: Owned = every_line,
         skip_bad: bool = False,
         bad: BadRecordCounter | None = None,
     ) -> Iterator[tuple[int, Document | None]]:

@@ -49,7 +49,7 @@ def tiny_corpus(tmp_path_factory):
 def spark():
     """One local Spark session (2 cores, small shuffles, no UI) shared by every Spark test of the
     session; a missing PySpark or Java fails these tests with the install command."""
-    from data_processing.spark_util import get_session
+    from data_processing.dedup.spark_util import get_session
 
     session = get_session("local[2]", {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
                                        "spark.sql.shuffle.partitions": "2"})

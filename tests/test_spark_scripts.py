@@ -85,14 +85,14 @@ def test_py_files_zip_holds_the_package_and_imports_alone(tmp_path):
     out = tmp_path / "job.zip"
     subprocess.run([sys.executable, "run_scripts/pack_py_files.py", str(out)], check=True, capture_output=True)
     names = zipfile.ZipFile(out).namelist()
-    assert "data_processing/dedup_spark.py" in names and "data_processing/minhash.py" in names
+    assert "data_processing/dedup/spark.py" in names and "data_processing/minhash.py" in names
     assert not any("__pycache__" in n or n.startswith(("train/", "tests/")) for n in names)
     # Imported from the zip alone (as executors do), not from this checkout.
-    code = "import data_processing.dedup_spark as m; print(m.__file__)"
+    code = "import data_processing.dedup.spark as m; print(m.__file__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env={"PYTHONPATH": str(out), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"{out}/data_processing/dedup_spark.py"
+    assert proc.stdout.strip() == f"{out}/data_processing/dedup/spark.py"
 
 
 def test_missing_java_is_one_line_naming_the_package(tmp_path, monkeypatch, capsys):

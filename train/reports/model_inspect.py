@@ -23,17 +23,17 @@ import jax.numpy as jnp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from data_processing.html_page import img, page, table  # noqa: E402
 from train.config import ModelConfig  # noqa: E402
 from train.core.model import Transformer, init_params  # noqa: E402
 from train.core.sharding import LOGICAL_RULES  # noqa: E402
-from train.reports.run_report import STYLE, _table, img  # noqa: E402
 
 
 def _path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def param_table(cfg: ModelConfig, params) -> list[dict[str, Any]]:
+def paramtable(cfg: ModelConfig, params) -> list[dict[str, Any]]:
     """One row per parameter: name, shape, count, dtype, logical axes and the mesh axes they shard over."""
     boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
     specs = {_path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(
@@ -157,7 +157,7 @@ def inspect_model(cfg: ModelConfig, params, tokenizer, text: str, out: str | Pat
     if not ids:
         raise ValueError("--text encodes to no tokens")
     tokens = [_tok(tokenizer, i) for i in ids]
-    rows = param_table(cfg, params)
+    rows = paramtable(cfg, params)
     wpe, cos = positional_embeddings(params, max_positions)
     plot_positional(wpe, cos, out / "positional.png")
     logits, attn = forward_with_attention(cfg, params, ids)
@@ -178,20 +178,15 @@ def inspect_model(cfg: ModelConfig, params, tokenizer, text: str, out: str | Pat
                  for t in range(len(ids))]
     model_rows = [[f.name, getattr(cfg, f.name)] for f in dataclasses.fields(cfg)]
     sections = [
-        ("Model", _table(["field", "value"], [[a, str(b)] for a, b in model_rows])),
-        ("Parameters", _table(["name", "shape", "count", "dtype", "sharding (logical->mesh)"], param_rows)),
+        ("Model", table(["field", "value"], [[a, str(b)] for a, b in model_rows])),
+        ("Parameters", table(["name", "shape", "count", "dtype", "sharding (logical->mesh)"], param_rows)),
         ("Positional embeddings", img("positional.png")),
         ("Attention on the text", "".join(f"<h3>layer {i} ({kind})</h3>{img(n)}" for i, kind, n in attn_files)),
-        ("Next-token top-k", img("top_k.png") + _table(
+        ("Next-token top-k", img("top_k.png") + table(
             ["position", "token", *[f"top-{j + 1}" for j in range(k)]], topk_rows)),
     ]
-    title = "codeneo model inspection"
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>",
-             f"<style>{STYLE}</style></head><body><h1>{title}</h1>",
-             f"<p>Text: <code>{html.escape(text)}</code> ({len(ids)} tokens)</p>"]
-    parts += [f"<h2>{html.escape(h)}</h2>{c}" for h, c in sections]
-    parts.append("</body></html>")
-    (out / "index.html").write_text("\n".join(parts))
+    intro = f"<p>Text: <code>{html.escape(text)}</code> ({len(ids)} tokens)</p>"
+    (out / "index.html").write_text(page("codeneo model inspection", sections, intro))
     return {"ids": ids, "tokens": tokens, "params": rows, "wpe": wpe, "cos": cos, "attention": attn,
             "logits": logits, "top_ids": top_ids, "top_p": top_p, "page": out / "index.html"}
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from data_processing.html_page import img, page, table  # noqa: E402
 from train import config as C  # noqa: E402
 from train.core.metrics import read_metrics  # noqa: E402
 
@@ -178,43 +178,6 @@ def config_differences(runs: list[Run]) -> dict[str, list[Any]]:
     return {k: [f.get(k) for f in flats] for k in keys if len({repr(f.get(k)) for f in flats}) > 1}
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        return f"{v:.4g}"
-    if isinstance(v, int) and not isinstance(v, bool):
-        return f"{v:,}"
-    return str(v)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
-         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}"
-         "img{max-width:100%;border:1px solid #ddd;margin:.5em 0}")
-
-
-def html_page(title: str, sections: list[tuple[str, str]]) -> str:
-    """A self-contained page (inline CSS, no scripts, images by relative path)."""
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
-    for heading, content in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>{content}")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def img(name: str) -> str:
-    return f"<img src='{html.escape(name)}' alt='{html.escape(name)}'>"
-
-
 FIGURES = [
     ("loss_vs_step.png", "Loss against step"),
     ("loss_vs_tokens.png", "Loss against tokens seen"),
@@ -240,18 +203,18 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
 
     summaries = [summary(r) for r in runs]
     header = list(summaries[0].keys())
-    sections = [("Summary", _table(header, [[s[h] for h in header] for s in summaries]))]
+    sections = [("Summary", table(header, [[s[h] for h in header] for s in summaries]))]
     if len(runs) > 1:
         diffs = config_differences(runs)
         rows = [[k, *v] for k, v in diffs.items()]
-        content = _table(["config key", *[r.name for r in runs]], rows) if rows else "<p>Identical configs.</p>"
+        content = table(["config key", *[r.name for r in runs]], rows) if rows else "<p>Identical configs.</p>"
         sections.append(("Config differences", content))
     sections += [(title, img(name)) for name, title in FIGURES]
     runs_list = "".join(f"<li>{html.escape(r.name)}: <code>{html.escape(str(r.path))}</code></li>" for r in runs)
     sections.append(("Runs", f"<ul>{runs_list}</ul>"))
-    page = out / "index.html"
-    page.write_text(html_page("codeneo run report: " + ", ".join(r.name for r in runs), sections))
-    return page
+    index = out / "index.html"
+    index.write_text(page("codeneo run report: " + ", ".join(r.name for r in runs), sections))
+    return index
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,7 +37,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -45,9 +45,9 @@ import numpy as np
 import zstandard
 
 from data_processing import minhash
-from data_processing.dedup import BATCH_BYTES, BATCH_RECORDS, DedupParams, map_signatures
-from data_processing.shards import BadRecordCounter, ShardError, iter_records, list_shards
-from data_processing.spark_util import (
+from data_processing.dedup.params import BATCH_BYTES, BATCH_RECORDS, DedupParams, map_signatures
+from data_processing.dedup.report import DedupCounts, FilesBytes, build_report
+from data_processing.dedup.spark_util import (
     ZSTD_SKIPPABLE_SEPARATOR,
     HadoopFS,
     checkpoint,
@@ -55,6 +55,7 @@ from data_processing.spark_util import (
     hidden_to_spark,
     spark_info,
 )
+from data_processing.shards import BadRecordCounter, ShardError, iter_records, list_shards
 
 SIGN_SCHEMA = ("shard int, idx int, repo binary, file binary, lang binary, size long, exact long, "
                "bands array<long>, error string, fatal boolean")
@@ -389,7 +390,7 @@ def plan_spark(
 
     # Stage 5: connected components; the smallest rank of each is its survivor.
     t = time.perf_counter()
-    from data_processing.spark_components import connected_components
+    from data_processing.dedup.spark_components import connected_components
 
     roots, rounds = connected_components(verified) if n_verified else (None, 0)
     if roots is None:  # nothing verified: every exact survivor is its own root
@@ -450,7 +451,6 @@ def _report(records, ex, params: DedupParams, bad_counts: dict[str, int], n_shar
     examples: dict[int, list[tuple[int, str]]] = {}
     for r in first5:
         examples.setdefault(r.root, []).append((r.n, _name(r.repo, r.file)))
-    n_clusters = sum(histogram.values())
     sizes.unpersist()
     largest = [{"size": r["size"], "survivor": names[r.root],
                 "examples": [name for _, name in sorted(examples.get(r.root, []))]} for r in top]
@@ -460,28 +460,18 @@ def _report(records, ex, params: DedupParams, bad_counts: dict[str, int], n_shar
             if r[f"{stage}_files"]:
                 entry = by_language.setdefault(r.lang.decode("utf-8", "surrogatepass"), {})
                 entry[stage] = {"files": int(r[f"{stage}_files"]), "bytes": int(r[f"{stage}_bytes"])}
-    return {
-        "engine": "spark",
-        "input": {"files": int(ex.files), "bytes": int(ex.bytes or 0), "shards": n_shards},
-        "exact": {"removed_files": int(ex.removed_files or 0), "removed_bytes": int(ex.removed_bytes or 0),
-                  "duplicate_groups": int(ex.groups or 0)},
-        "near": {
-            **near_counts,
-            # The local engine streams sets and counts the most it holds; Spark spreads them over tasks.
-            "peak_shingle_sets_in_memory": None,
-            "clusters": int(n_clusters),
-            "removed_files": sums["near_files"],
-            "removed_bytes": sums["near_bytes"],
-            "cluster_size_histogram": histogram,
-            "largest_clusters": largest,
-        },
-        "output": {"files": sums["out_files"], "bytes": sums["out_bytes"]},
-        "removed_by_language": dict(sorted(by_language.items())),
-        "params": {**asdict(params), "p_candidate_at_threshold":
-                   minhash.candidate_probability(params.threshold, params.bands, params.rows)},
-        "survivor_rule": "lowest (repo_name, file_name), then (shard, record index)",
-        "bad_records": bad_counts,
-    }
+    counts = DedupCounts(
+        input=FilesBytes(int(ex.files), int(ex.bytes or 0)), shards=n_shards,
+        exact_removed=FilesBytes(int(ex.removed_files or 0), int(ex.removed_bytes or 0)),
+        duplicate_groups=int(ex.groups or 0),
+        near_removed=FilesBytes(sums["near_files"], sums["near_bytes"]),
+        output=FilesBytes(sums["out_files"], sums["out_bytes"]),
+        candidate_pairs=near_counts["candidate_pairs"], verified_pairs=near_counts["verified_pairs"],
+        candidate_records=near_counts["candidate_records"], peak_shingle_sets=None,
+        cluster_size_histogram=histogram, largest_clusters=largest, removed_by_language=by_language,
+        bad_records=bad_counts,
+    )
+    return build_report(counts, params, "spark")
 
 
 def _tmp_beside(fs: HadoopFS, output: str) -> str:
@@ -566,7 +556,7 @@ def _publish(fs: HadoopFS, tmp: str, output: str, written: list[str]) -> None:
 def run(source: str, output: str, params: DedupParams, *, master: str | None = None,
         conf: dict[str, str] | None = None, skip_bad: bool = False, progress: bool = True) -> dict[str, Any]:
     """The CLI's ``--engine spark``: plan, write, report. Returns the report."""
-    from data_processing.spark_util import get_session
+    from data_processing.dedup.spark_util import get_session
 
     t0 = time.perf_counter()
     settings = {"spark.ui.showConsoleProgress": "true" if progress else "false", **(conf or {})}

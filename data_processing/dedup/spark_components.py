@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from data_processing.spark_util import checkpoint
+from data_processing.dedup.spark_util import checkpoint
 
 
 def _large_star(edges):
