@@ -25,6 +25,12 @@ class TokenizerFileError(ValueError):
     """A tokenizer folder or file is missing, unreadable, or breaks the contract; names the path."""
 
 
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Rows of a model's embedding for ``vocab_size`` tokens: rounded up to a multiple of
+    ``multiple`` (128 by default, for matmul tiling); the padding rows are masked everywhere."""
+    return -(-vocab_size // multiple) * multiple
+
+
 def control_token(language: str) -> str:
     """The control-code token of a language: ``<|python|>``, ``<|c++|>``, ..."""
     return f"<|{language.lower()}|>"

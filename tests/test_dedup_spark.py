@@ -13,10 +13,10 @@ import pytest
 
 from bench import dedup as bench
 from data_processing import dedup
-from data_processing.dedup import spark as dedup_spark
 from data_processing.dedup import plan_dedup, write_kept
-from data_processing.shards import iter_records, list_shards, write_shard
+from data_processing.dedup import spark as dedup_spark
 from data_processing.dedup.spark_components import connected_components
+from data_processing.shards import iter_records, list_shards, write_shard
 
 pytestmark = pytest.mark.spark
 

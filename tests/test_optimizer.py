@@ -51,7 +51,7 @@ def test_decay_mask_skips_biases_layernorm_and_optionally_embeddings():
 
 def test_adamw_update_matches_hand_computation():
     opt = OptimizerConfig(learning_rate=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.5, clip_norm=0.0)
-    tx = make_optimizer(opt, ScheduleConfig(warmup_steps=0, decay="constant"))
+    tx = make_optimizer(opt, learning_rate_schedule(opt, ScheduleConfig(warmup_steps=0, decay="constant")))
     params = {"w": {"kernel": jnp.array([1.0, -2.0])}, "b": {"bias": jnp.array([3.0])}}
     grads = {"w": {"kernel": jnp.array([0.5, 0.25])}, "b": {"bias": jnp.array([1.0])}}
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -63,7 +63,7 @@ def test_adamw_update_matches_hand_computation():
 
 def test_global_norm_clipping():
     opt = OptimizerConfig(learning_rate=1.0, weight_decay=0.0, clip_norm=1.0, b1=0.0, b2=0.0, eps=0.0)
-    tx = make_optimizer(opt, ScheduleConfig(warmup_steps=0, decay="constant"))
+    tx = make_optimizer(opt, learning_rate_schedule(opt, ScheduleConfig(warmup_steps=0, decay="constant")))
     params = {"kernel": jnp.zeros(2)}
     grads = {"kernel": jnp.array([3.0, 4.0])}  # norm 5 -> clipped to [0.6, 0.8]
     state = tx.init(params)

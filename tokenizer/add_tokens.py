@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ import numpy as np
 from tokenizers import AddedToken
 
 from data_processing.atomic import atomic_dir
+from data_processing.tokens import padded_vocab_size
 from tokenizer.train_tokenizer import TokenizerError, load_tokenizer, write_tokenizer_files
 
 # Code Clippy's list: two tabs, and runs of 2, 4 and 8 spaces.
@@ -146,11 +146,6 @@ def add_to_tokenizer(tokenizer, new_tokens: Sequence[str], special: bool = False
     return ids
 
 
-def padded_size(vocab: int, pad_multiple: int) -> int:
-    """``vocab`` rounded up to a multiple of ``pad_multiple``."""
-    return int(math.ceil(vocab / pad_multiple) * pad_multiple)
-
-
 def extend_embedding(
     wte: np.ndarray,
     old_vocab: int,
@@ -161,7 +156,7 @@ def extend_embedding(
     """Return the embedding for a vocabulary grown from ``old_vocab`` to ``new_vocab`` tokens.
 
     ``wte`` is ``[rows, D]`` with ``rows >= old_vocab`` (rows past ``old_vocab`` are padding).
-    The result has ``padded_size(new_vocab, pad_multiple)`` rows and ``wte``'s dtype: rows
+    The result has ``padded_vocab_size(new_vocab, pad_multiple)`` rows and ``wte``'s dtype: rows
     ``0..old_vocab-1`` are bit-identical to ``wte``, rows ``old_vocab..new_vocab-1`` are copies
     of row ``tab_id`` (``None``: the mean of the old rows, for markers that resemble no
     token), and padding rows after ``new_vocab`` are zeros (padding ids are never produced by
@@ -178,7 +173,7 @@ def extend_embedding(
         raise AddTokensError(f"tab id {tab_id} is not an existing token (vocabulary {old_vocab})")
     if pad_multiple < 1:
         raise AddTokensError(f"pad_multiple must be >= 1, got {pad_multiple}")
-    out = np.zeros((padded_size(new_vocab, pad_multiple), wte.shape[1]), dtype=wte.dtype)
+    out = np.zeros((padded_vocab_size(new_vocab, pad_multiple), wte.shape[1]), dtype=wte.dtype)
     out[:old_vocab] = wte[:old_vocab]
     mean = wte[:old_vocab].astype(np.float64).mean(axis=0).astype(wte.dtype) if tab_id is None else None
     out[old_vocab:new_vocab] = mean if tab_id is None else wte[tab_id]

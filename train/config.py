@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from data_processing.tokens import padded_vocab_size
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the offending key."""
@@ -66,7 +68,7 @@ class ModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+        return padded_vocab_size(self.vocab_size, self.vocab_multiple)
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:
@@ -98,8 +100,6 @@ class DataConfig:
 @dataclass(frozen=True)
 class TokenizerConfig:
     path: str = ""  # tokenizer folder (tokenizer.json); empty = the model.init_from folder
-    vocab_size: int = 50257  # vocabulary size when training the tokenizer
-    added_tokens: tuple[str, ...] = ("\t\t", "  ", "    ", "        ")  # whitespace tokens to add
 
 
 @dataclass(frozen=True)

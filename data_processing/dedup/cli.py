@@ -1,4 +1,10 @@
-"""``python -m data_processing.dedup``: the command line over both engines."""
+"""``python -m data_processing.dedup``: exact + near-duplicate removal over shards (the stages:
+``data_processing/dedup/__init__.py``, docs/data.md).
+
+    python -m data_processing.dedup --input DIR --output DIR [--threshold 0.85] [--workers N]
+    python -m data_processing.dedup --engine spark [--master local[2]|spark://HOST:7077|yarn] \\
+        --input URI --output URI [--threshold 0.85]       # the same stages on Spark, the same output
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-from data_processing import dedup as package
 from data_processing.atomic import write_json_atomic
 from data_processing.dedup.local import Workers, plan_dedup, write_kept
 from data_processing.dedup.params import DedupParams
@@ -26,7 +31,7 @@ def _spark_conf(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=package.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="folder (or glob) of input shards; a Hadoop URI with --engine spark")
     p.add_argument("--output", required=True, help="output folder; a Hadoop URI with --engine spark")
     p.add_argument("--engine", choices=("local", "spark"), default="local",

@@ -432,7 +432,3 @@ def decode_step(cfg: ModelConfig, params, cache, input_ids_BT, positions_BT):
     )
     return logits_BTV, mutated["cache"]
 
-
-def count_params(params) -> int:
-    """Number of parameters (padding rows included)."""
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(nn.meta.unbox(params)))

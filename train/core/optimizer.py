@@ -41,9 +41,9 @@ def weight_decay_mask(params, decay_embeddings: bool = False):
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def make_optimizer(opt: OptimizerConfig, sched: ScheduleConfig) -> optax.GradientTransformation:
-    """Global-norm clipping followed by AdamW with the decay mask and the schedule."""
-    schedule = learning_rate_schedule(opt, sched)
+def make_optimizer(opt: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Global-norm clipping followed by AdamW with the decay mask and ``schedule`` (built once,
+    by ``learning_rate_schedule``, and shared with the step's logged learning rate)."""
     parts = []
     if opt.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(opt.clip_norm))

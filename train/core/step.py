@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from train.config import Config, ModelConfig
 from train.core import sharding
 from train.core.loss import output_loss_sum, token_losses
-from train.core.model import DTYPES, Transformer, mask_padded_vocab
+from train.core.model import DTYPES, Transformer, init_params, mask_padded_vocab
 from train.core.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -72,7 +72,7 @@ def _uses_dropout(cfg: ModelConfig) -> bool:
 
 
 def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: Config, tx: optax.GradientTransformation,
-               seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: optax.Schedule, seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update over the whole global batch; returns the new state and metrics
     (``loss`` = mean over the real label tokens of all micro-batches, ``grad_norm``, ``learning_rate``)."""
     mcfg = cfg.model
@@ -106,7 +106,6 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: Config, tx: opt
     grads = jax.tree_util.tree_map(lambda g: g / count, grad_sum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    schedule = learning_rate_schedule(cfg.optimizer, cfg.schedule)
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
@@ -142,8 +141,7 @@ class Compiled(struct.PyTreeNode):
 
 
 def _boxed_init(cfg: Config, tx, rng, seq_len: int) -> TrainState:
-    ids = jnp.zeros((1, seq_len), jnp.int32)
-    params = Transformer(cfg.model).init(rng, ids)["params"]
+    params = init_params(cfg.model, rng, seq_len)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
@@ -152,7 +150,8 @@ def compile_steps(cfg: Config, mesh: Mesh) -> Compiled:
 
     ``init(rng)`` creates parameters and optimizer state already sharded (never materialised on
     one device); ``train_step`` donates its state argument."""
-    tx = make_optimizer(cfg.optimizer, cfg.schedule)
+    schedule = learning_rate_schedule(cfg.optimizer, cfg.schedule)
+    tx = make_optimizer(cfg.optimizer, schedule)
     seq = min(8, cfg.model.max_position_embeddings)
     with sharding.rules_context():
         abstract = jax.eval_shape(functools.partial(_boxed_init, cfg, tx, seq_len=seq), jax.random.PRNGKey(0))
@@ -171,7 +170,7 @@ def compile_steps(cfg: Config, mesh: Mesh) -> Compiled:
 
     def wrapped_train(state, batch):
         with sharding.rules_context():
-            return train_step(state, batch, cfg=cfg, tx=tx, seed=cfg.train.seed)
+            return train_step(state, batch, cfg=cfg, tx=tx, schedule=schedule, seed=cfg.train.seed)
 
     def wrapped_eval(params, batch):
         with sharding.rules_context():
