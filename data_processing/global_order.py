@@ -139,7 +139,8 @@ class _UnitIndex:
     ``starts[j]`` is the stream position of document ``j`` relative to the shard's stream, with one
     final entry for the shard's stream end (uint32 when it fits, 4 bytes a document). The body
     tokens of document ``j`` are ``tokens[starts[j] - k*j : ...]`` with ``k`` the specials per
-    document (EOS, plus the control code), because blank and bad lines hold no tokens."""
+    document (EOS, plus the control code), because blank and bad lines hold no tokens. With
+    control codes, ``doc_kinds`` adds each document's language (the cache's ``kinds``)."""
 
     def __init__(self, offsets: np.ndarray, kinds: np.ndarray, specials: int):
         doc_lines = np.flatnonzero(kinds >= 0)
@@ -154,7 +155,9 @@ class _UnitIndex:
         self.length = end
         self.num_docs = n_docs
         self.num_tokens = int(offsets[-1])
-        self.doc_kinds = kinds[doc_lines].astype(np.uint8 if kinds.max(initial=0) < 256 else np.int16)
+        # Each document's language, only for control codes (1 byte a document).
+        self.doc_kinds = (kinds[doc_lines].astype(np.uint8 if kinds.max(initial=0) < 256 else np.int16)
+                          if specials > 1 else np.zeros(0, np.uint8))
 
     @property
     def nbytes(self) -> int:

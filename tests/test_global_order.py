@@ -326,12 +326,14 @@ def test_first_batches_cover_many_repositories(repos):
 
 
 def test_index_memory_is_a_few_bytes_per_document():
-    """The order keeps 4 bytes (stream start) + 1 byte (language) per document; 10M documents
-    are under 100 MB (docs/data_order.md)."""
+    """The order keeps 4 bytes (stream start) per document, plus 1 (language) with control
+    codes; 10M documents are under 100 MB (docs/data_order.md)."""
     n_docs = 1_000_000
     lengths = np.random.default_rng(0).integers(1, 4000, n_docs)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    plain = _UnitIndex(offsets, np.zeros(n_docs, np.int16), specials=1)
+    assert plain.starts.dtype == np.uint32 and plain.nbytes <= 4 * n_docs + 16
     index = _UnitIndex(offsets, np.zeros(n_docs, np.int16), specials=2)
-    assert index.starts.dtype == np.uint32 and index.nbytes <= 5 * n_docs + 16
+    assert index.nbytes <= 5 * n_docs + 16
     assert int(index.starts[-1]) == int(offsets[-1]) + 2 * n_docs
     assert 10 * index.nbytes < 100_000_000
