@@ -208,6 +208,7 @@ class GlobalOrderLoader:
         self._control_ids: list[np.ndarray] = []  # per unit: control token id by unit-local language
         self._layouts: list[tuple[int, np.dtype, tuple[int, ...]]] = []
         metas = []
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         for unit in range(len(self.cache.shards)):
             meta = self._index_unit(unit, skip_bad)
             metas.append([meta["num_lines"], meta["num_docs"], meta["num_tokens"]])
@@ -283,6 +284,13 @@ class GlobalOrderLoader:
             sel = np.flatnonzero(pieces[:, 0] == unit)
             self._fill_unit(unit, pieces[sel], sel, flat, special, bodies)
         flat[~special] = np.concatenate(bodies)
+        # Memory-mapped tokens skip the zip CRC check of a full read: catch damage that matters
+        # (an id the embedding does not have, which a device gather would silently clamp).
+        if len(flat) and int(flat.max()) >= self.vocab_size:
+            unit = next(int(u) for u, b in zip(pieces[:, 0], bodies, strict=True)
+                        if len(b) and b.max() >= self.vocab_size)
+            raise TokenCacheError(f"{self.cache.entries[unit]}: damaged token cache entry (a token id >= the "
+                                  f"vocabulary size {self.vocab_size}); delete it and build it again")
         return flat.reshape(len(rows), w)
 
     def state(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from data_processing.global_order import GlobalOrderLoader, _UnitIndex, feistel_
 from data_processing.loader import TokenLoader
 from data_processing.packing import EncodeOptions, control_token
 from data_processing.shards import ShardError, iter_lines, list_shards, write_shard
-from data_processing.token_cache import build_cache
+from data_processing.token_cache import TokenCacheError, build_cache
 from tests.helpers import byte_level_bpe, stdlib_documents, stdlib_texts
 
 LANGS = ["Python", "Shell"]
@@ -277,6 +277,23 @@ def test_batch_sizes_the_order_cannot_serve(plain):
         _loader(cache_dir, data_dir, tok_dir, block_size=4096, global_batch_size=rows + 1)
     assert "\n" not in str(err.value)
     _loader(cache_dir, data_dir, tok_dir, block_size=4096, global_batch_size=rows)  # exactly one epoch: fine
+
+
+def test_damaged_tokens_refused(plain, tmp_path):
+    """Memory-mapped tokens skip the zip CRC; an id outside the vocabulary is still caught."""
+    import shutil
+
+    cache_dir, data_dir, tok_dir = plain
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    entry = sorted(copy.rglob("*.npz"))[0]
+    loader = _loader(copy, data_dir, tok_dir, block_size=64)
+    offset, dtype, _ = loader._layouts[0]
+    with open(entry, "r+b") as f:
+        f.seek(offset + 10 * dtype.itemsize)
+        f.write(np.array([60000], dtype).tobytes())
+    with pytest.raises(TokenCacheError, match=rf"{entry.name}: damaged token cache entry"):
+        loader.gather(np.arange(loader.rows_per_epoch))
 
 
 def test_supported_options():
