@@ -4,7 +4,8 @@
   ``--units`` shards, ``--doc-tokens`` tokens each; placeholder shard files) into a temporary
   folder, builds a ``GlobalOrderLoader`` on them and reports the order's index bytes, the
   numpy memory still held and at peak while building (tracemalloc), the resident-set growth, the
-  build time, and the read speed of global batches from that index;
+  build time, and the read speed of global batches from that index; concat packing, then
+  sliding windows;
 * ``speed``: ``TokenLoader(token_cache=...)`` against ``GlobalOrderLoader`` on the same cache of
   Python stdlib shards (written here), tokens per second for a few block / batch sizes.
 
@@ -29,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_processing.global_order import GlobalOrderLoader  # noqa: E402
+from data_processing.packing import EncodeOptions  # noqa: E402
 from data_processing.token_cache import (  # noqa: E402
     CACHE_VERSION,
     TokenCache,
@@ -74,7 +76,7 @@ def _synthetic_cache(root: Path, tok_dir: Path, docs: int, units: int, doc_token
     return TokenCache(root / "cache", tok_dir, shards)
 
 
-def memory(docs: int, units: int, doc_tokens: int) -> dict:
+def memory(docs: int, units: int, doc_tokens: int, encode=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -87,7 +89,7 @@ def memory(docs: int, units: int, doc_tokens: int) -> dict:
         tracemalloc.start()
         t0 = time.perf_counter()
         loader = GlobalOrderLoader(cache, block_size=2048, global_batch_size=512, process_count=64,
-                                   process_index=3)
+                                   process_index=3, encode=encode)
         build_s = time.perf_counter() - t0
         held, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
@@ -153,6 +155,8 @@ def main(argv=None) -> int:
         result["speed_tokens_per_second"] = speed(args.tokens)
     if args.what in ("memory", "both"):
         result["memory"] = memory(args.docs, args.units, args.doc_tokens)
+        result["memory_windows"] = memory(args.docs, args.units, args.doc_tokens,
+                                          EncodeOptions(window=2049, stride=1024))
     print(json.dumps(result))
     return 0
 

@@ -5,7 +5,9 @@ The run_clm way, with random access instead of a stream (as Grain and levanter d
 * the *stream*: every training document in corpus order (shards sorted, lines in file order),
   each as ``[control code] tokens <|endoftext|>``, concatenated;
 * *rows*: the stream cut into ``rows_per_epoch = len(stream) // (block_size + 1)`` fixed rows;
-  the partial last row (fewer than ``block_size + 1`` tokens, the same ones every epoch) is dropped;
+  the partial last row (fewer than ``block_size + 1`` tokens, the same ones every epoch) is dropped.
+  With ``packing: windows`` the rows are instead every window ``cut_windows`` cuts from each
+  document (padded with -1), documents in corpus order;
 * the *order*: the rows of epoch ``e`` in a seeded pseudo-random permutation keyed by
   ``(seed, epoch)``: a 6-round mixed-radix Feistel network with cycle walking, computed on the
   fly (no permutation array);
@@ -58,9 +60,6 @@ def global_order_supported(encode: EncodeOptions | None) -> str | None:
     if o.fim_rate > 0:
         return ("data.fim_rate > 0: fill-in-the-middle rearranges each document's text, drawn per epoch, "
                 "so rows are not fixed token-cache slices; using the streaming TokenLoader")
-    if o.window:
-        return ("data.packing=windows: per-document sliding windows are not cut from the global order; "
-                "using the streaming TokenLoader")
     return None
 
 
@@ -142,7 +141,7 @@ class _UnitIndex:
     document (EOS, plus the control code), because blank and bad lines hold no tokens. With
     control codes, ``doc_kinds`` adds each document's language (the cache's ``kinds``)."""
 
-    def __init__(self, offsets: np.ndarray, kinds: np.ndarray, specials: int):
+    def __init__(self, offsets: np.ndarray, kinds: np.ndarray, specials: int, window: int = 0, stride: int = 0):
         doc_lines = np.flatnonzero(kinds >= 0)
         tok_starts = offsets[doc_lines].astype(np.int64)
         n_docs = len(doc_lines)
@@ -158,10 +157,20 @@ class _UnitIndex:
         # Each document's language, only for control codes (1 byte a document).
         self.doc_kinds = (kinds[doc_lines].astype(np.uint8 if kinds.max(initial=0) < 256 else np.int16)
                           if specials > 1 else np.zeros(0, np.uint8))
+        # Sliding windows: the first row of each document (4 bytes a document), as ``cut_windows``
+        # cuts it: starts 0, stride, ... while a window fits, plus one ending at its last token.
+        self.row_starts = np.zeros(0, np.uint32)
+        self.num_rows = 0
+        if window:
+            m = np.diff(starts.astype(np.int64))
+            count = np.where(m <= window, 1, -(-(m - window) // stride) + 1)
+            self.num_rows = int(count.sum())
+            self.row_starts = np.concatenate([[0], np.cumsum(count)]).astype(
+                np.uint32 if self.num_rows < 1 << 32 else np.int64)
 
     @property
     def nbytes(self) -> int:
-        return self.starts.nbytes + self.doc_kinds.nbytes
+        return self.starts.nbytes + self.doc_kinds.nbytes + self.row_starts.nbytes
 
 
 class GlobalOrderLoader:
@@ -169,10 +178,11 @@ class GlobalOrderLoader:
     ``[global_batch_size // process_count, block_size + 1]``; see the module docstring.
 
     ``cache``: a ``TokenCache``, or its folder together with ``source`` (the training shards)
-    and ``tokenizer_path``. ``encode``: only ``control_codes`` is served here (see
-    ``global_order_supported``). Bad records: their lines hold no tokens in the cache; they raise
-    ``ShardError`` (file:line) when the loader is built unless ``skip_bad``, which counts them in
-    ``bad_records`` and leaves them out of the stream.
+    and ``tokenizer_path``. ``encode``: control codes and sliding windows (``window`` must be
+    ``block_size + 1``) are served, fill-in-the-middle is not (see ``global_order_supported``).
+    Bad records: their lines hold no tokens in the cache; they raise ``ShardError`` (file:line)
+    when the loader is built unless ``skip_bad``, which counts them in ``bad_records`` and
+    leaves them out of the stream.
     """
 
     def __init__(
@@ -199,6 +209,10 @@ class GlobalOrderLoader:
         self.cache = _open_cache(cache, source, tokenizer_path)
         self.control_codes = bool(encode and encode.control_codes)
         self.block_size, self.window = block_size, block_size + 1
+        self.windows = bool(encode and encode.window)  # packing: windows (one document a row, padded)
+        self.stride = encode.stride if self.windows else 0
+        if self.windows and encode.window != self.window:
+            raise ValueError(f"data.packing=windows: windows must be block_size + 1 = {self.window} tokens long")
         self.seed = int(seed)
         self.process_index, self.process_count = process_index, process_count
         self.bad_records = BadRecordCounter()
@@ -216,6 +230,9 @@ class GlobalOrderLoader:
         self._unit_base = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self.stream_tokens = int(self._unit_base[-1])
         self.rows_per_epoch = self.stream_tokens // self.window
+        if self.windows:
+            self._row_base = np.concatenate([[0], np.cumsum([u.num_rows for u in self._units])]).astype(np.int64)
+            self.rows_per_epoch = int(self._row_base[-1])
         self._corpus = hashlib.sha256(json.dumps([self.cache.tok_hash, metas]).encode()).hexdigest()[:16]
         self._check_batch(global_batch_size)
         self.global_batch_size = global_batch_size
@@ -277,8 +294,12 @@ class GlobalOrderLoader:
         w = self.window
         rows = np.asarray(rows, np.int64).reshape(-1)
         flat = np.empty(len(rows) * w, np.int32)
-        pieces = self._pieces(rows * w)
         special = np.zeros(len(flat), bool)
+        if self.windows:
+            pieces = self._window_pieces(rows)
+            self._pad(pieces, flat, special)
+        else:
+            pieces = self._pieces(rows * w)
         bodies: list[np.ndarray] = [np.zeros(0, np.int32)] * len(pieces)
         for unit in np.unique(pieces[:, 0]).tolist():
             sel = np.flatnonzero(pieces[:, 0] == unit)
@@ -302,6 +323,7 @@ class GlobalOrderLoader:
             "seed": self.seed,
             "block_size": self.block_size,
             "control_codes": self.control_codes,
+            "windows": [self.window, self.stride] if self.windows else None,
             "corpus": self._corpus,
             "rows_per_epoch": self.rows_per_epoch,
             "global_batch_size": self.global_batch_size,
@@ -315,7 +337,7 @@ class GlobalOrderLoader:
             raise ValueError(f"loader state: expected kind={STATE_KIND!r} version {STATE_VERSION}, got "
                              f"kind={state.get('kind')!r} version {state.get('version')!r} (a TokenLoader state?)")
         mine = self.state()
-        for key in ("seed", "block_size", "control_codes", "corpus", "rows_per_epoch"):
+        for key in ("seed", "block_size", "control_codes", "windows", "corpus", "rows_per_epoch"):
             if state.get(key) != mine[key]:
                 what = "the training shards or tokenizer changed" if key == "corpus" else "the run changed"
                 raise ValueError(f"loader state has {key}={state.get(key)!r} but this loader has "
@@ -377,7 +399,7 @@ class GlobalOrderLoader:
             raise TokenCacheError(f"{entry}: damaged token cache entry (arrays do not match their metadata); "
                                   "delete it and build it again")
         self._check_bad(unit, meta, skip_bad)
-        index = _UnitIndex(offsets, kinds, self._specials)
+        index = _UnitIndex(offsets, kinds, self._specials, self.window if self.windows else 0, self.stride)
         self._units.append(index)
         self._layouts.append(layout)
         self._control_ids.append(self._unit_control_ids(unit, meta, kinds) if self.control_codes
@@ -433,6 +455,33 @@ class GlobalOrderLoader:
                 pos, left = pos + take, left - take
         pieces = np.concatenate(out).astype(np.int64)
         return pieces[np.argsort(pieces[:, 3], kind="stable")]  # output order: bodies are joined in it
+
+    def _window_pieces(self, rows: np.ndarray) -> np.ndarray:
+        """Sliding-window rows as pieces: row -> (shard, document, window) -> the window's
+        stream range in its shard (never across documents, so never across shards)."""
+        w, stride = self.window, self.stride
+        units = np.searchsorted(self._row_base, rows, side="right") - 1
+        out = np.empty((len(rows), 4), np.int64)
+        out[:, 0], out[:, 3] = units, np.arange(len(rows), dtype=np.int64) * w
+        for unit in np.unique(units).tolist():
+            sel = units == unit
+            index = self._units[unit]
+            local = rows[sel] - self._row_base[unit]
+            doc = np.searchsorted(index.row_starts, local.astype(index.row_starts.dtype), side="right") - 1
+            first = index.starts[doc].astype(np.int64)
+            m = index.starts[doc + 1].astype(np.int64) - first  # the document's stream length
+            i = local - index.row_starts[doc].astype(np.int64)
+            out[sel, 1] = first + np.where(m <= w, 0, np.minimum(i * stride, m - w))
+            out[sel, 2] = np.minimum(m, w)
+        return out
+
+    def _pad(self, pieces: np.ndarray, flat: np.ndarray, special: np.ndarray) -> None:
+        """-1 after each short piece (a document shorter than a window): no loss there."""
+        short = pieces[pieces[:, 2] < self.window]
+        gaps = self.window - short[:, 2]
+        at = np.repeat(short[:, 3] + short[:, 2] - np.cumsum(gaps) + gaps, gaps) + np.arange(int(gaps.sum()))
+        flat[at] = -1
+        special[at] = True
 
     def _tokens(self, unit: int) -> np.ndarray:
         """The memory-mapped token array of ``unit`` (a bounded LRU of open maps)."""

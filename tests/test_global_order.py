@@ -15,7 +15,7 @@ import pytest
 
 from data_processing.global_order import GlobalOrderLoader, _UnitIndex, feistel_permute, global_order_supported
 from data_processing.loader import TokenLoader
-from data_processing.packing import EncodeOptions, control_token
+from data_processing.packing import EncodeOptions, control_token, cut_windows
 from data_processing.shards import ShardError, iter_lines, list_shards, write_shard
 from data_processing.token_cache import TokenCacheError, build_cache
 from tests.helpers import byte_level_bpe, stdlib_documents, stdlib_texts
@@ -164,6 +164,33 @@ def test_rows_with_control_codes_and_across_shards(ragged):
         np.testing.assert_array_equal(loader.gather(np.arange(len(rows))), rows)
 
 
+@pytest.mark.parametrize("control", [False, True])
+def test_sliding_windows_are_every_window_of_every_document(ragged, control):
+    """``packing: windows``: the rows of an epoch are the windows ``cut_windows`` cuts from each
+    document (``[<|lang|>] tokens <|endoftext|>``, -1 padded), in corpus order before the permutation."""
+    cache_dir, data_dir, tok_dir = ragged
+    block, stride = 40, 25
+    tok, eos = _tokenizer(tok_dir)
+    want = []
+    for r in _records(data_dir):
+        head = [tok.token_to_id(control_token(r["meta"]["language"]))] if control else []
+        doc = np.asarray(head + tok.encode(r["text"], add_special_tokens=False).ids + [eos], np.int32)
+        want.append(cut_windows(doc, block + 1, stride))
+    want = np.concatenate(want)
+    assert (want == -1).any() and len(want) > 40  # short documents are padded, long ones cut
+    encode = EncodeOptions(control_codes=control, window=block + 1, stride=stride)
+    loader = _loader(cache_dir, data_dir, tok_dir, block_size=block, global_batch_size=4, skip_bad=True, encode=encode)
+    assert loader.rows_per_epoch == len(want)
+    np.testing.assert_array_equal(loader.gather(np.arange(len(want))), want)
+    index = loader.row_indices(np.arange(len(want)))
+    assert sorted(index.tolist()) == list(range(len(want)))
+    steps = len(want) // 4
+    np.testing.assert_array_equal(np.concatenate([next(loader) for _ in range(steps)]), want[index[: 4 * steps]])
+    with pytest.raises(ValueError, match="block_size \\+ 1 = 41"):
+        _loader(cache_dir, data_dir, tok_dir, block_size=block, skip_bad=True,
+                encode=EncodeOptions(window=block, stride=stride))
+
+
 def test_process_slices_concatenate_to_the_global_batch(plain):
     """For 1, 2 and 4 processes, the process slices of every step, across an epoch boundary
     (a batch straddles it), concatenate to the one-process batch."""
@@ -300,7 +327,7 @@ def test_supported_options():
     assert global_order_supported(None) is None
     assert global_order_supported(EncodeOptions(control_codes=True)) is None
     assert "data.fim_rate" in global_order_supported(EncodeOptions(fim_rate=0.5))
-    assert "data.packing=windows" in global_order_supported(EncodeOptions(window=33, stride=16))
+    assert global_order_supported(EncodeOptions(window=33, stride=16, control_codes=True)) is None
 
 
 def test_unsupported_options_and_missing_control_codes_refused(plain, ragged):
