@@ -16,9 +16,10 @@ The run_clm way, with random access instead of a stream (as Grain and levanter d
 * *hosts*: process ``p`` of ``P`` reads rows ``[p*B/P, (p+1)*B/P)`` of every global batch.
 
 So the sequence of global batches is a pure function of (corpus, tokenizer, seed, block size,
-global batch size, control codes), whatever the number of processes, and the resume state is a
+global batch size, encode options), whatever the number of processes, and the resume state is a
 single row count. A row is looked up in memory-mapped token arrays of the cache entries through
-one small index per shard (see ``_UnitIndex``; about 4 bytes per document, docs/data_order.md).
+one small index per shard (see ``_UnitIndex``; 4 bytes a document, 5 with control codes, 4 more
+with windows: docs/data_order.md). Fill-in-the-middle is not served (``global_order_supported``).
 
 No JAX here: each host gets numpy arrays; the trainer assembles the global ``jax.Array``.
 """
@@ -230,6 +231,7 @@ class GlobalOrderLoader:
         self._unit_base = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self.stream_tokens = int(self._unit_base[-1])
         self.rows_per_epoch = self.stream_tokens // self.window
+        self._row_base = np.zeros(0, np.int64)  # windows: each shard's first row
         if self.windows:
             self._row_base = np.concatenate([[0], np.cumsum([u.num_rows for u in self._units])]).astype(np.int64)
             self.rows_per_epoch = int(self._row_base[-1])
@@ -293,6 +295,8 @@ class GlobalOrderLoader:
         few specials (EOS, control codes) of the documents it spans placed around them."""
         w = self.window
         rows = np.asarray(rows, np.int64).reshape(-1)
+        if not len(rows):
+            return np.zeros((0, w), np.int32)
         flat = np.empty(len(rows) * w, np.int32)
         special = np.zeros(len(flat), bool)
         if self.windows:
@@ -362,7 +366,7 @@ class GlobalOrderLoader:
     @property
     def index_bytes(self) -> int:
         """Bytes held by the order's index (the per-document arrays; the tokens stay on disk)."""
-        return sum(u.nbytes for u in self._units) + self._unit_base.nbytes
+        return sum(u.nbytes for u in self._units) + self._unit_base.nbytes + self._row_base.nbytes
 
     def _read_ahead(self) -> None:
         """Read this process's rows of the next few global batches in one ``gather``."""

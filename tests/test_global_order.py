@@ -272,8 +272,13 @@ def test_restore_with_another_process_count(plain):
         np.testing.assert_array_equal(np.concatenate([next(h) for h in hosts]), run[step])
     back = make()
     back.restore(hosts[2].state())
-    for step in range(40, 60):
+    for step in range(40, 50):
         np.testing.assert_array_equal(next(back), run[step])
+    # Another global batch size continues at the same row: nothing repeated or skipped.
+    half = _loader(cache_dir, data_dir, tok_dir, block_size=512, global_batch_size=4)
+    half.restore(back.state())
+    np.testing.assert_array_equal(np.concatenate([next(half) for _ in range(20)]), np.concatenate(run[50:60]))
+    assert half.rows_at(0, 0).shape == (0, 513)
 
 
 def test_restore_refuses_another_run(plain, tmp_path):
