@@ -83,8 +83,7 @@ class _RowBuilder:
     def __init__(self, window: int, eval_tokens: int):
         self.window = window
         self.full_rows, self.rest = divmod(eval_tokens, window)
-        self.pending: dict[str, list[np.ndarray]] = {}
-        self.pending_n: dict[str, int] = {}
+        self.pending: dict[str, np.ndarray] = {}  # per language: tokens not yet in a row (under a row)
         self.rows: list[np.ndarray] = []
         self.language: list[str] = []
         self.done = eval_tokens == 0
@@ -95,25 +94,27 @@ class _RowBuilder:
         return max(1, (self.full_rows - len(self.rows)) * self.window + self.rest)
 
     def add(self, language: str, ids: np.ndarray) -> None:
-        """Append one document (its tokens and EOS already joined) to its language's stream."""
-        self.pending.setdefault(language, []).append(ids)
-        self.pending_n[language] = self.pending_n.get(language, 0) + len(ids)
+        """Append one document (its tokens and EOS already joined) to its language's stream and
+        cut the rows it completes."""
         self.stream_tokens[language] = self.stream_tokens.get(language, 0) + len(ids)
-        while len(self.rows) < self.full_rows and self.pending_n[language] >= self.window:
-            self._emit(language, self.window)
+        held = self.pending.get(language)
+        buf = ids if held is None or not len(held) else np.concatenate([held, ids])
+        pos, w = 0, self.window
+        while len(self.rows) < self.full_rows and len(buf) - pos >= w:
+            self._emit(language, buf[pos : pos + w])
+            pos += w
         if len(self.rows) == self.full_rows:
             if not self.rest:
                 self.done = True
-            elif self.pending_n[language] >= self.rest:
-                self._emit(language, self.rest)
+            elif len(buf) - pos >= self.rest:
+                self._emit(language, buf[pos : pos + self.rest])
+                pos += self.rest
                 self.done = True
+        self.pending[language] = buf[pos:]
 
-    def _emit(self, language: str, n: int) -> None:
-        joined = np.concatenate(self.pending[language])
+    def _emit(self, language: str, tokens: np.ndarray) -> None:
         row = np.full(self.window, -1, np.int32)
-        row[:n] = joined[:n]
-        self.pending[language] = [joined[n:]]
-        self.pending_n[language] -= n
+        row[: len(tokens)] = tokens
         self.rows.append(row)
         self.language.append(language)
 
