@@ -47,7 +47,8 @@ from data_processing.token_cache import TokenCache, TokenCacheError
 __all__ = ["GlobalOrderLoader", "feistel_permute", "global_order_supported"]
 
 STATE_KIND = "global_order"
-STATE_VERSION = 1
+# A string, not TokenLoader's integer: TokenLoader.restore refuses this state on its version check.
+STATE_VERSION = "global_order/1"
 _ROUNDS = 6  # Feistel rounds (even: the radices come back): 4 already look random; 6 for margin
 _OPEN_UNITS = 64  # memory-mapped token arrays kept open (each holds a file descriptor)
 _M64 = (1 << 64) - 1
@@ -338,7 +339,7 @@ class GlobalOrderLoader:
         """Continue exactly after the batch at which ``state`` was taken (any process count).
         Another global batch size continues at the same row, so no row is repeated or skipped."""
         if state.get("kind") != STATE_KIND or state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state: expected kind={STATE_KIND!r} version {STATE_VERSION}, got "
+            raise ValueError(f"loader state: expected kind={STATE_KIND!r} version {STATE_VERSION!r}, got "
                              f"kind={state.get('kind')!r} version {state.get('version')!r} (a TokenLoader state?)")
         mine = self.state()
         for key in ("seed", "block_size", "control_codes", "windows", "corpus", "rows_per_epoch"):

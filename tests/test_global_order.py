@@ -292,6 +292,11 @@ def test_restore_refuses_another_run(plain, tmp_path):
         _loader(cache_dir, data_dir, tok_dir, seed=1, block_size=32).restore(state)
     with pytest.raises(ValueError, match="TokenLoader"):
         loader.restore({"version": 1, "docs": None, "skip": 0})
+    streaming = TokenLoader(str(data_dir), str(tok_dir), block_size=64, batch_size_per_host=8,
+                            token_cache=str(cache_dir), num_workers=0)
+    with pytest.raises(ValueError, match="loader state version 'global_order/1'"):
+        streaming.restore(state)  # and the other way round: each loader refuses the other's state
+    streaming.close()
     loader.close()
     with pytest.raises(RuntimeError, match="closed"):
         next(loader)
