@@ -213,6 +213,7 @@ def test_process_slices_concatenate_to_the_global_batch(plain):
 
 
 def test_same_seed_same_order_other_seed_or_epoch_another(plain):
+    """Two constructions with one seed agree; another seed, or the next epoch, is another order."""
     cache_dir, data_dir, tok_dir = plain
     la, lb, lc = (_loader(cache_dir, data_dir, tok_dir, seed=s) for s in (3, 3, 4))
     a = np.stack([next(la) for _ in range(10)])
@@ -227,6 +228,7 @@ def test_same_seed_same_order_other_seed_or_epoch_another(plain):
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4099])
 def test_feistel_is_a_permutation(n):
+    """A bijection of range(n) for every n, seed and epoch; another seed is another permutation."""
     for seed, epoch in ((0, 0), (1, 0), (0, 7)):
         perm = feistel_permute(np.arange(n), n, seed, epoch)
         assert sorted(perm.tolist()) == list(range(n))
@@ -281,7 +283,8 @@ def test_restore_with_another_process_count(plain):
     assert half.rows_at(0, 0).shape == (0, 513)
 
 
-def test_restore_refuses_another_run(plain, tmp_path):
+def test_restore_refuses_another_run(plain):
+    """Another seed or block size, or the other loader's state (both ways), is refused in one line."""
     cache_dir, data_dir, tok_dir = plain
     loader = _loader(cache_dir, data_dir, tok_dir, seed=1)
     next(loader)
@@ -306,6 +309,7 @@ def test_restore_refuses_another_run(plain, tmp_path):
 
 
 def test_batch_sizes_the_order_cannot_serve(plain):
+    """Not a multiple of the processes, or more rows than an epoch: one line naming train.batch_size."""
     cache_dir, data_dir, tok_dir = plain
     with pytest.raises(ValueError, match=r"^train\.batch_size: .*multiple of the 4 processes$"):
         _loader(cache_dir, data_dir, tok_dir, global_batch_size=6, process_index=1, process_count=4)
@@ -334,13 +338,15 @@ def test_damaged_tokens_refused(plain, tmp_path):
 
 
 def test_supported_options():
+    """Everything but fill-in-the-middle is served."""
     assert global_order_supported(None) is None
     assert global_order_supported(EncodeOptions(control_codes=True)) is None
     assert "data.fim_rate" in global_order_supported(EncodeOptions(fim_rate=0.5))
     assert global_order_supported(EncodeOptions(window=33, stride=16, control_codes=True)) is None
 
 
-def test_unsupported_options_and_missing_control_codes_refused(plain, ragged):
+def test_unsupported_options_and_missing_control_codes_refused(plain):
+    """FIM is refused in one line; control codes the tokenizer lacks are named."""
     cache_dir, data_dir, tok_dir = plain
     with pytest.raises(ValueError, match="data.fim_rate"):
         _loader(cache_dir, data_dir, tok_dir, encode=EncodeOptions(fim_rate=0.1))

@@ -104,6 +104,8 @@ def _owners(held: H.HeldOut, records, docs, eos: int) -> list[set[int]]:
 
 
 def test_rows_one_language_each_drawn_across_shards(validation, tok_dir):
+    """Exactly eval_tokens tokens, -1 only at the end of the last row, no control codes; every
+    row's pieces come from documents of its language; a fifth of the set spans nearly every shard."""
     root, records = validation
     docs = _doc_tokens(records, tok_dir)
     from tokenizers import Tokenizer
@@ -146,6 +148,7 @@ def test_same_set_however_computed(validation, tok_dir, monkeypatch):
 
 
 def test_another_seed_another_set(validation, tok_dir):
+    """Another seed draws other documents: nearly every row differs."""
     root, _ = validation
     a, b = (H.heldout_rows(root, tok_dir, block_size=BLOCK, eval_tokens=3000, seed=s) for s in (0, 1))
     assert a.rows.shape == b.rows.shape
@@ -153,6 +156,7 @@ def test_another_seed_another_set(validation, tok_dir):
 
 
 def test_too_many_eval_tokens_refused(validation, tok_dir):
+    """The most the set can give (recomputed here) is served; one more is refused in one line."""
     root, records = validation
     docs = _doc_tokens(records, tok_dir)
     available = _available(records, docs, BLOCK + 1)
@@ -167,6 +171,7 @@ def test_too_many_eval_tokens_refused(validation, tok_dir):
 
 
 def test_batches_cover_every_row_once(validation, tok_dir):
+    """Global batches padded with -1 rows; the process slices concatenate to the global batch."""
     root, _ = validation
     held = H.heldout_rows(root, tok_dir, block_size=BLOCK, eval_tokens=40 * (BLOCK + 1) + 5, seed=0)
     assert len(held.rows) == 41
@@ -187,6 +192,7 @@ def test_batches_cover_every_row_once(validation, tok_dir):
 
 
 def test_bad_record_raises_or_is_skipped(tmp_path, tok_dir):
+    """A bad record raises naming file:line, or with skip_bad is left out."""
     good = {"text": "def f():\n    return 1\n" * 20, "meta": {"language": "Python"}}
     (tmp_path / "v.jsonl").write_text(json.dumps(good) + "\n{broken\n" + json.dumps(good) + "\n")
     from data_processing.shards import ShardError
