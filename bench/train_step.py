@@ -35,6 +35,9 @@ from train.core import metrics, sharding  # noqa: E402
 from train.core.model import init_params  # noqa: E402
 from train.core.step import compile_steps, loss_sum_fn  # noqa: E402
 
+# One step of per_device_batch_size x devices without accumulation, as the peer runs it (a config's
+# own batch_size / grad_accum_steps, e.g. the 125M recipe's 0.5M-token step, are for training).
+STEP_OVERRIDES = ["train.batch_size=0", "optimizer.grad_accum_steps=1"]
 QUICK_OVERRIDES = ["model.vocab_size=4096", "train.batch_size=8", "data.block_size=128", "mesh.data=-1"]
 PEER_VENV = ROOT / "bench" / ".peer-venv"
 PEER_REQUIREMENTS = ["transformers==4.57.*", "jax", "flax", "optax", "numpy"]
@@ -271,7 +274,7 @@ def main(argv=None) -> dict:
     config_path = a.config or (str(ROOT / "configs" / "tiny.yaml") if a.quick else None)
     if config_path is None:
         p.error("--config is required without --quick")
-    overrides = (QUICK_OVERRIDES if a.quick else []) + a.overrides
+    overrides = STEP_OVERRIDES + (QUICK_OVERRIDES if a.quick else []) + a.overrides
     if a.plan:
         result = run_plan(config_path, overrides, a.sweep)
         print(json.dumps(result), flush=True)
@@ -302,9 +305,7 @@ def main(argv=None) -> dict:
     tokens = B * T
     tps = tokens / median_step(times["baseline"])
     peak = metrics.device_peak_flops(device)
-    peak_kind = "bf16_spec"
-    if peak is None and device.platform == "cpu":
-        peak, peak_kind = metrics.measured_cpu_peak_flops(), "measured_fp32_matmul"
+    peak_kind = metrics.peak_flops_source(device)
     per_dev = tps / ours.num_devices
     mfu = per_dev * metrics.flops_per_token(cfg.model, T) / peak if peak else None
     peer = runners.get("peer")

@@ -39,10 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from data_processing.packing import EncodeOptions, control_token, load_tokenizer
+from data_processing.packing import EncodeOptions
 from data_processing.shards import BadRecordCounter, ShardError
-from data_processing.sources import ShardSource, _count_bad
+from data_processing.sources import ShardSource, count_bad
 from data_processing.token_cache import TokenCache, TokenCacheError
+from data_processing.tokens import control_token, load_tokenizer_file
 
 __all__ = ["GlobalOrderLoader", "feistel_permute", "global_order_supported"]
 
@@ -218,7 +219,7 @@ class GlobalOrderLoader:
         self.seed = int(seed)
         self.process_index, self.process_count = process_index, process_count
         self.bad_records = BadRecordCounter()
-        self._tokenizer, self.eos_id = load_tokenizer(self.cache.tokenizer_path)
+        self._tokenizer, self.eos_id = load_tokenizer_file(self.cache.tokenizer_path)
         self._specials = 1 + self.control_codes
         self._units: list[_UnitIndex] = []
         self._control_ids: list[np.ndarray] = []  # per unit: control token id by unit-local language
@@ -417,11 +418,11 @@ class GlobalOrderLoader:
         for line, reason in sorted(meta["bad"].items(), key=lambda kv: int(kv[0])):
             if not skip_bad:
                 raise ShardError(f"{shard}:{line}: {reason}")
-            _count_bad(self.bad_records, reason, f"{shard}:{line}")
+            count_bad(self.bad_records, reason, f"{shard}:{line}")
         if meta.get("unreadable"):
             if not skip_bad:
                 raise ShardError(meta["unreadable"])
-            _count_bad(self.bad_records, "unreadable shard", meta["unreadable"])
+            count_bad(self.bad_records, "unreadable shard", meta["unreadable"])
 
     def _unit_control_ids(self, unit: int, meta: dict[str, Any], kinds: np.ndarray) -> np.ndarray:
         """Control token id of each of the unit's languages (indexed by the cache's ``kinds``)."""

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_processing.packing import load_tokenizer
 from data_processing.shards import BadRecordCounter
 from data_processing.sources import ShardSource
+from data_processing.tokens import load_tokenizer_file
 
 __all__ = ["HeldOut", "heldout_rows"]
 
@@ -182,7 +182,7 @@ def heldout_rows(
         raise ValueError(f"data.eval_tokens: expected a positive number of tokens, got {eval_tokens}")
     source = validation_dir if isinstance(validation_dir, ShardSource) else ShardSource(validation_dir)
     where = source.describe(0) if len(source) == 1 else f"{len(source)} shards from {source.describe(0)}"
-    tokenizer, eos_id = load_tokenizer(tokenizer_path)
+    tokenizer, eos_id = load_tokenizer_file(tokenizer_path)
     units, lines, langs, chars, kept = _scan(source, skip_bad, BadRecordCounter())
     order = np.random.default_rng([int(seed) & ((1 << 64) - 1), 0x68656C64]).permutation(len(units))
     builder = _RowBuilder(block_size + 1, eval_tokens)

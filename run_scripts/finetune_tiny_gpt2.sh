@@ -45,7 +45,7 @@ python -m train --config configs/finetune_gpt2.yaml --set "model.init_from=$HF" 
   --set "data.train_dir=$DATA/train" --set "data.validation_dir=$DATA/validation" \
   --set model.compute_dtype=float32 --set data.block_size=128 --set train.per_device_batch_size=8 \
   --set "train.max_steps=$STEPS" --set "schedule.warmup_steps=$warmup" --set "schedule.decay_steps=$((STEPS - warmup))" \
-  --set train.eval_every=50 --set data.eval_batches=8 --set train.save_every=100 --set train.log_every=25 \
+  --set train.eval_every=50 --set data.eval_tokens=16384 --set train.save_every=100 --set train.log_every=25 \
   --set optimizer.learning_rate=1e-3 --set data.control_codes=true --set data.fim_rate=0.5 \
   --set data.fim_spm_rate=0.5 --set data.packing=windows --set data.window_stride=96 \
   --set logging.wandb_mode=disabled ${EXTRA_SET:-}

@@ -15,9 +15,10 @@ import pytest
 
 from data_processing.global_order import GlobalOrderLoader, _UnitIndex, feistel_permute, global_order_supported
 from data_processing.loader import TokenLoader
-from data_processing.packing import EncodeOptions, control_token, cut_windows
+from data_processing.packing import EncodeOptions, cut_windows
 from data_processing.shards import ShardError, iter_lines, list_shards, write_shard
 from data_processing.token_cache import TokenCacheError, build_cache
+from data_processing.tokens import control_token
 from tests.helpers import byte_level_bpe, stdlib_documents, stdlib_texts
 
 LANGS = ["Python", "Shell"]

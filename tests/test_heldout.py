@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from data_processing import heldout as H
-from data_processing.packing import control_token
 from data_processing.shards import list_shards, write_shard
+from data_processing.tokens import control_token
 from tests.helpers import byte_level_bpe, stdlib_documents, stdlib_texts
 
 LANGS = ["Python", "Shell", "Go"]

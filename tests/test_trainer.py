@@ -21,7 +21,7 @@ def _cfg(tiny_corpus, run_dir, *extra):
         f"tokenizer.path={tok}", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
         "model.window_size=16", "data.block_size=64", "train.batch_size=8",
         "train.max_steps=12", "train.log_every=1", "train.save_every=4", "train.eval_every=6",
-        "data.eval_batches=2", "data.shuffle_buffer=50", "schedule.warmup_steps=2", "schedule.decay_steps=10",
+        "data.eval_tokens=4096", "data.shuffle_buffer=50", "schedule.warmup_steps=2", "schedule.decay_steps=10",
         "logging.progress=false", "logging.wandb_mode=disabled", *extra,
     ])
 

@@ -22,6 +22,9 @@ def main(argv=None) -> int:
     try:
         cfg = C.load(args.config, args.overrides)
         if args.check:
+            from train.core.optimizer import check_schedule
+
+            check_schedule(cfg.optimizer, cfg.schedule, cfg.train.max_steps)
             print(C.dump(cfg), end="")
             return 0
         from train.run import train

@@ -87,13 +87,14 @@ class DataConfig:
     tokenize_batch: int = 256  # documents per tokenizer call
     prefetch: int = 2  # batches prepared ahead of the step
     skip_bad: bool = False  # count and skip unreadable records instead of stopping
-    eval_batches: int = 8  # validation batches per evaluation
+    eval_tokens: int = 262144  # held-out tokens per evaluation, drawn with train.seed across all validation shards
     packing: str = "concat"  # concat: EOS-joined stream cut into blocks; windows: per-file sliding windows
     window_stride: int = 0  # windows packing: tokens between window starts; 0 = block_size (no label overlap)
     control_codes: bool = False  # prepend each document's language token (<|python|>, ...; Autocoder)
     fim_rate: float = 0.0  # fraction of documents rearranged for fill-in-the-middle (Bavarian et al. 2022)
     fim_spm_rate: float = 0.0  # of the fill-in-the-middle documents, the fraction in SPM order
-    token_cache: str = ""  # folder of pre-tokenized shards (python -m data_processing.token_cache); empty = off
+    token_cache: str = "auto"  # pre-tokenized shards (built on first start); auto = RUN_DIR/token_cache; empty = off
+    order: str = "global"  # global: one seeded order over the token cache, any host count; stream: streaming loader
     host_split: str = "auto"  # hosts read whole shards (shards), every P-th line (lines), or shards if >= hosts
 
 
@@ -111,7 +112,7 @@ class OptimizerConfig:
     weight_decay: float = 0.1  # decoupled weight decay on matrices
     decay_embeddings: bool = False  # also apply weight decay to wte/wpe
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is split among them)
+    grad_accum_steps: int = 1  # micro-batches per step; 0 = batch_size / (per_device_batch_size x data devices)
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class ScheduleConfig:
     decay_steps: int = 25000  # steps of decay after warmup; constant at the floor afterwards
     decay: str = "linear"  # linear, cosine or constant
     min_lr_ratio: float = 0.0  # floor as a fraction of the peak learning rate
+    allow_low_lr: bool = False  # accept > 5% of the post-warmup steps below 1% of the peak (refused otherwise)
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "data.packing": ("concat", "windows"),
     "data.host_split": ("auto", "shards", "lines"),
+    "data.order": ("global", "stream"),
     "schedule.decay": ("linear", "cosine", "constant"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
@@ -295,7 +298,7 @@ def validate(cfg: Config) -> None:
         "data.block_size": cfg.data.block_size,
         "data.num_workers": cfg.data.num_workers,
         "data.tokenize_batch": cfg.data.tokenize_batch,
-        "optimizer.grad_accum_steps": cfg.optimizer.grad_accum_steps,
+        "data.eval_tokens": cfg.data.eval_tokens,
         "train.log_every": cfg.train.log_every,
         "train.save_every": cfg.train.save_every,
         "checkpoint.keep": cfg.checkpoint.keep,
@@ -303,6 +306,9 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive integer, got {value}")
+    if cfg.optimizer.grad_accum_steps < 0:
+        raise ConfigError(f"optimizer.grad_accum_steps: expected >= 0 (0 = from the batch and devices), "
+                          f"got {cfg.optimizer.grad_accum_steps}")
     d = cfg.data
     for key in ("fim_rate", "fim_spm_rate"):
         if not 0.0 <= getattr(d, key) <= 1.0:
@@ -393,12 +399,25 @@ def global_batch_size(cfg: Config, device_count: int) -> int:
     return cfg.train.batch_size or cfg.train.per_device_batch_size * device_count
 
 
+def grad_accum_steps(cfg: Config, device_count: int) -> int:
+    """Micro-batches per step: explicit, or (0) the global batch over per-device x data devices."""
+    if cfg.optimizer.grad_accum_steps:
+        return cfg.optimizer.grad_accum_steps
+    data, fsdp, _ = mesh_shape(cfg, device_count)
+    per_step = cfg.train.per_device_batch_size * data * fsdp
+    batch = global_batch_size(cfg, device_count)
+    if batch % per_step:
+        raise ConfigError(f"optimizer.grad_accum_steps: 0 needs train.batch_size ({batch}) to be a multiple of "
+                          f"per_device_batch_size x data devices ({per_step})")
+    return max(batch // per_step, 1)
+
+
 def validate_for_devices(cfg: Config, device_count: int) -> tuple[int, int, int]:
     """Checks that depend on the device count; returns the resolved mesh shape."""
     data, fsdp, tensor = mesh_shape(cfg, device_count)
     batch = global_batch_size(cfg, device_count)
     dp = data * fsdp
-    accum = cfg.optimizer.grad_accum_steps
+    accum = grad_accum_steps(cfg, device_count)
     if batch % accum:
         raise ConfigError(f"train.batch_size: {batch} is not divisible by optimizer.grad_accum_steps={accum}")
     if (batch // accum) % dp:

@@ -20,9 +20,10 @@ from data_processing.tokens import TokenizerFileError, tokenizer_info
 from train import config as C
 from train.core import distributed, sharding
 from train.core.checkpoint import Checkpointer
-from train.core.hooks import BestCheckpoint, CheckpointHook, EvalHook
+from train.core.hooks import BestCheckpoint, CheckpointHook, EvalHook, EvalSet
 from train.core.loop import StopSignal, TrainingError, TrainLoop
-from train.core.metrics import MetricsWriter, Throughput, device_peak_flops, measured_cpu_peak_flops
+from train.core.metrics import MetricsWriter, Throughput, device_peak_flops, peak_flops_source
+from train.core.optimizer import check_schedule
 from train.core.step import compile_steps
 from train.interop import convert, vocab
 
@@ -64,6 +65,8 @@ def resolve(cfg: C.Config, device_count: int) -> C.Config:
             )
     if cfg.train.batch_size == 0:
         cfg = C.replace(cfg, train={"batch_size": C.global_batch_size(cfg, device_count)})
+    if cfg.optimizer.grad_accum_steps == 0:
+        cfg = C.replace(cfg, optimizer={"grad_accum_steps": C.grad_accum_steps(cfg, device_count)})
     C.validate_for_devices(cfg, device_count)
     return cfg
 
@@ -88,12 +91,21 @@ def encode_options(cfg: C.Config):
     )
 
 
-def ensure_token_cache(cfg: C.Config) -> None:
-    """Build the missing or stale entries of ``data.token_cache`` for the run's tokenizer (every
-    process; hosts sharing the folder start at different shards and skip finished ones)."""
+def token_cache_dir(cfg: C.Config) -> str | None:
+    """The run's token cache folder: ``data.token_cache``, ``RUN_DIR/token_cache`` for ``auto``
+    with a local training folder, None when off (empty) or the shards are not a local folder."""
+    d = cfg.data
+    if d.token_cache == "auto":
+        return str(Path(cfg.run.output_dir).absolute() / "token_cache") if Path(d.train_dir).is_dir() else None
+    return d.token_cache or None
+
+
+def ensure_token_cache(cfg: C.Config, folder: str) -> None:
+    """Build the missing or stale entries of the token cache ``folder`` for the run's tokenizer
+    (every process; hosts sharing the folder start at different shards and skip finished ones)."""
     from data_processing.token_cache import build_cache
 
-    summary = build_cache(cfg.data.train_dir, cfg.tokenizer.path, cfg.data.token_cache,
+    summary = build_cache(cfg.data.train_dir, cfg.tokenizer.path, folder,
                           progress=cfg.logging.progress and jax.process_index() == 0,
                           host=(jax.process_index(), jax.process_count()))
     if summary.built and jax.process_index() == 0:
@@ -101,29 +113,62 @@ def ensure_token_cache(cfg: C.Config) -> None:
               f"({summary.tokens_built} tokens, {summary.seconds:.0f} s) in {summary.folder}", flush=True)
 
 
-def make_loaders(cfg: C.Config, batch_per_host: int):
-    """``(training TokenLoader, fixed validation batches)`` of this process."""
-    from data_processing.loader import TokenLoader, validation_batches
+def stream_reason(cfg: C.Config, cache: str | None) -> str | None:
+    """Why the run cannot use the global data order (None: it can)."""
+    from data_processing.global_order import global_order_supported
+
+    if cfg.data.order == "stream":
+        return "data.order is stream"
+    if cache is None:
+        return "no token cache (data.token_cache is empty, or data.train_dir is not a local folder)"
+    return global_order_supported(encode_options(cfg))
+
+
+def make_train_loader(cfg: C.Config, *, quiet: bool = False):
+    """This process's training loader: the global order over the token cache, or (with a printed
+    reason) the streaming ``TokenLoader``."""
+    from data_processing.global_order import GlobalOrderLoader
+    from data_processing.loader import TokenLoader
 
     d = cfg.data
-    encode = encode_options(cfg)
-    if d.token_cache:
-        ensure_token_cache(cfg)
-    loader = TokenLoader(
-        d.train_dir, cfg.tokenizer.path, block_size=d.block_size, batch_size_per_host=batch_per_host,
-        seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
-        process_index=jax.process_index(), process_count=jax.process_count(), skip_bad=d.skip_bad,
-        prefetch=d.prefetch, tokenize_batch=d.tokenize_batch, encode=encode, host_split=d.host_split,
-        token_cache=d.token_cache or None,
+    cache = token_cache_dir(cfg)
+    if cache is not None:
+        ensure_token_cache(cfg, cache)
+    reason = stream_reason(cfg, cache)
+    if reason is None:
+        return GlobalOrderLoader(cache, source=d.train_dir, tokenizer_path=cfg.tokenizer.path,
+                                 block_size=d.block_size, global_batch_size=cfg.train.batch_size,
+                                 seed=cfg.train.seed, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), encode=encode_options(cfg), skip_bad=d.skip_bad)
+    if jax.process_index() == 0 and not quiet:
+        print(f"[train] data order: streaming loader ({reason})", flush=True)
+    return TokenLoader(
+        d.train_dir, cfg.tokenizer.path, block_size=d.block_size,
+        batch_size_per_host=cfg.train.batch_size // jax.process_count(), seed=cfg.train.seed,
+        shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, process_index=jax.process_index(),
+        process_count=jax.process_count(), skip_bad=d.skip_bad, prefetch=d.prefetch,
+        tokenize_batch=d.tokenize_batch, encode=encode_options(cfg), host_split=d.host_split, token_cache=cache,
     )
-    val = []
-    if cfg.train.eval_every and d.eval_batches:
-        val = list(validation_batches(
-            d.validation_dir, cfg.tokenizer.path, block_size=d.block_size, batch_size_per_host=batch_per_host,
-            num_batches=d.eval_batches, process_index=jax.process_index(), process_count=jax.process_count(),
-            encode=encode,
-        ))
-    return loader, val
+
+
+def make_eval_set(cfg: C.Config) -> EvalSet | None:
+    """The fixed held-out set (``data.eval_tokens`` drawn with the seed across all validation
+    shards; no FIM, no control codes) in global batches of the micro-batch size, or None."""
+    from data_processing.heldout import heldout_rows
+
+    if not cfg.train.eval_every:
+        return None
+    d = cfg.data
+    try:
+        held = heldout_rows(d.validation_dir, cfg.tokenizer.path, block_size=d.block_size,
+                            eval_tokens=d.eval_tokens, seed=cfg.train.seed, skip_bad=d.skip_bad)
+    except ValueError as err:
+        raise C.ConfigError(str(err)) from err
+    batch = cfg.train.batch_size // cfg.optimizer.grad_accum_steps
+    local = held.batches(batch, jax.process_index(), jax.process_count())
+    index = [i for _, i in held.batches(batch)]
+    return EvalSet([rows for rows, _ in local], index, held.language,
+                   min_language_tokens=max(2 * d.block_size, d.eval_tokens // 50))
 
 
 def initial_state(cfg: C.Config, compiled):
@@ -156,12 +201,17 @@ def start_or_resume(cfg: C.Config, compiled, ckpt: Checkpointer) -> Start:
     if step is None:
         return Start(initial_state(cfg, compiled), None)
     state, loader_states, _ = ckpt.restore(step, compiled.abstract_state)
+    first = loader_states.get("0") or {}
+    if first.get("kind") == "global_order":
+        # The global order's position is the same on every process: any process count continues it.
+        print(f"[train] resumed from step {step} in {ckpt.directory}", flush=True)
+        return Start(state, step, loader_state=first)
     if len(loader_states) == jax.process_count():
         print(f"[train] resumed from step {step} in {ckpt.directory}", flush=True)
         # None: saved before any data was read.
         return Start(state, step, loader_state=loader_states[str(jax.process_index())])
-    # A different process count: a host's data position cannot be split or merged, so the data
-    # stream restarts at the start of the epoch after the furthest one any host had reached.
+    # A streaming loader saved by another process count: a host's position cannot be split or
+    # merged, so the data restarts at the start of the epoch after the furthest one any host reached.
     epoch = next_epoch(loader_states)
     print(f"[train] resumed from step {step} in {ckpt.directory} (saved by {len(loader_states)} "
           f"processes, now {jax.process_count()}): data restarts at epoch {epoch}", flush=True)
@@ -169,11 +219,12 @@ def start_or_resume(cfg: C.Config, compiled, ckpt: Checkpointer) -> Start:
 
 
 def _throughput(cfg: C.Config) -> Throughput:
-    peak = device_peak_flops(jax.devices()[0])
-    if peak is None and jax.devices()[0].platform == "cpu":
-        # Simulated CPU devices share the same cores: each gets its share of the measured peak.
-        peak = measured_cpu_peak_flops() / jax.local_device_count()
-    return Throughput(cfg, cfg.train.batch_size * cfg.data.block_size, jax.device_count(), peak)
+    """Tokens/s and MFU against the device's vendor peak (none on a CPU: tokens/s only)."""
+    device = jax.devices()[0]
+    if jax.process_index() == 0:
+        print(f"[train] MFU peak: {peak_flops_source(device)}", flush=True)
+    return Throughput(cfg, cfg.train.batch_size * cfg.data.block_size, jax.device_count(),
+                      device_peak_flops(device))
 
 
 def _progress(cfg: C.Config, is_main: bool, initial: int):
@@ -195,7 +246,7 @@ def _show(progress):
     return update
 
 
-def add_hooks(loop: TrainLoop, cfg: C.Config, *, run_dir: Path, ckpt: Checkpointer, loader, val_batches,
+def add_hooks(loop: TrainLoop, cfg: C.Config, *, run_dir: Path, ckpt: Checkpointer, loader, eval_set,
               saved_step: int | None, is_main: bool) -> list:
     """Register evaluation (+ best checkpoint), HumanEval and checkpoint hooks; returns what to close."""
     closers = []
@@ -203,10 +254,10 @@ def add_hooks(loop: TrainLoop, cfg: C.Config, *, run_dir: Path, ckpt: Checkpoint
     def meta(step: int) -> dict[str, Any]:
         return {"step": step, "config": C.to_dict(cfg), "tokens": step * loop.tokens_per_step}
 
-    if cfg.train.eval_every and val_batches:
+    if eval_set is not None:
         best = BestCheckpoint(run_dir, cfg.checkpoint.keep_best, meta) if cfg.checkpoint.keep_best else None
         closers += [best] if best is not None else []
-        loop.add_hook(EvalHook(val_batches, is_main=is_main, on_result=best.offer if best else None),
+        loop.add_hook(EvalHook(eval_set, is_main=is_main, on_result=best.offer if best else None),
                       every=cfg.train.eval_every)
     if cfg.train.humaneval_every:
         from train.evaluation.hook import HumanEvalHook
@@ -227,6 +278,7 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
     distributed.initialize(cfg.mesh)
     cfg = vocab.prepare_tokenizer(cfg, cfg.run.output_dir)
     cfg = resolve(cfg, jax.device_count())
+    check_schedule(cfg.optimizer, cfg.schedule, cfg.train.max_steps)
     is_main = jax.process_index() == 0
     run_dir = Path(cfg.run.output_dir)
     if is_main:
@@ -237,13 +289,17 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
     start = start_or_resume(cfg, compiled, ckpt)
     step = int(start.state.step)
     # No loader (and no data needed) when there is nothing to train, e.g. max_steps 0 after init_from.
-    loader, val_batches = None, []
+    loader, eval_set = None, None
     if step < cfg.train.max_steps:
-        loader, val_batches = make_loaders(cfg, cfg.train.batch_size // jax.process_count())
-        if start.loader_state is not None:
-            loader.restore(start.loader_state)
-        elif start.restart_epoch is not None:
-            loader.restart_at_epoch(start.restart_epoch)
+        loader, eval_set = make_train_loader(cfg), make_eval_set(cfg)
+        try:
+            if start.loader_state is not None:
+                loader.restore(start.loader_state)
+            elif start.restart_epoch is not None and hasattr(loader, "restart_at_epoch"):
+                loader.restart_at_epoch(start.restart_epoch)
+        except ValueError as err:  # a state written by the other loader, or by another corpus
+            loader.close()
+            raise TrainingError(f"{run_dir}: cannot continue the saved data position: {err}") from err
     writer = MetricsWriter(run_dir, cfg, active=is_main)
     throughput = _throughput(cfg)
     progress = _progress(cfg, is_main, step)
@@ -255,7 +311,7 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
     loop = TrainLoop(compiled, start.state, loader, tokens_per_step=cfg.train.batch_size * cfg.data.block_size,
                      log_every=cfg.train.log_every, log=writer.write, rates=rates,
                      on_metrics=_show(progress) if progress is not None else None)
-    closers = add_hooks(loop, cfg, run_dir=run_dir, ckpt=ckpt, loader=loader, val_batches=val_batches,
+    closers = add_hooks(loop, cfg, run_dir=run_dir, ckpt=ckpt, loader=loader, eval_set=eval_set,
                         saved_step=start.saved_step, is_main=is_main)
     end = cfg.train.max_steps if stop_after is None else min(cfg.train.max_steps, step + stop_after)
     with StopSignal() as stop:

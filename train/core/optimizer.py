@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 import optax
 
-from train.config import OptimizerConfig, ScheduleConfig
+from train.config import ConfigError, OptimizerConfig, ScheduleConfig
 
 EMBEDDINGS = ("wte", "wpe", "lm_head")
 
@@ -54,3 +55,26 @@ def make_optimizer(opt: OptimizerConfig, schedule: optax.Schedule) -> optax.Grad
         )
     )
     return optax.chain(*parts)
+
+
+LOW_LR_FRACTION = 0.01  # "learning rate 0": below 1% of the peak
+MAX_LOW_LR_SHARE = 0.05  # of the steps after warmup
+
+
+def check_schedule(opt: OptimizerConfig, sched: ScheduleConfig, max_steps: int) -> None:
+    """Refuse a schedule that would waste the run: more than 5% of the steps after warmup at a
+    learning rate below 1% of the peak (e.g. a linear decay to 0 that ends long before
+    ``train.max_steps``), unless ``schedule.allow_low_lr``. Raises ``ConfigError`` in one line."""
+    steps = np.arange(min(sched.warmup_steps, max_steps), max_steps)
+    if sched.allow_low_lr or steps.size == 0:
+        return
+    lr = np.asarray(jax.device_get(learning_rate_schedule(opt, sched)(steps)))
+    low = int(np.sum(lr < LOW_LR_FRACTION * opt.learning_rate))
+    if low > MAX_LOW_LR_SHARE * steps.size:
+        end = sched.warmup_steps + sched.decay_steps
+        raise ConfigError(
+            f"schedule.decay_steps: {low} of the {steps.size} steps after warmup ({100 * low / steps.size:.1f}%) "
+            f"would run below 1% of the peak learning rate (decay ends at step {end}, train.max_steps is "
+            f"{max_steps}, schedule.min_lr_ratio is {sched.min_lr_ratio}): set schedule.decay_steps to "
+            f"{max(max_steps - sched.warmup_steps, 0)} (decay until max_steps) or schedule.min_lr_ratio >= "
+            f"{LOW_LR_FRACTION} (e.g. 0.1), or schedule.allow_low_lr: true if this is deliberate")

@@ -114,11 +114,33 @@ def train_step(state: TrainState, tokens_BT1: jax.Array, *, cfg: Config, tx: opt
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def row_loss_sums(params, tokens_BT1, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """``(summed loss [B], real label tokens [B])`` per row of ``[B, T + 1]``, without dropout;
+    with ``loss_chunk_size`` the logits are never whole (the fused loss, mapped over rows)."""
+    inputs_BT, labels_BT, valid_BT = split_batch(tokens_BT1)
+    model = Transformer(cfg)
+    if cfg.loss_chunk_size:
+        h_BTD = model.apply({"params": params}, inputs_BT, None, True, method=Transformer.hidden)
+        w_VD = model.apply({"params": params}, method=Transformer.output_embedding)
+        chunk = min(cfg.loss_chunk_size, inputs_BT.shape[1])
+
+        def one_row(h_TD, labels_T, valid_T):
+            return output_loss_sum(h_TD[None], w_VD, labels_T[None], valid_T[None], cfg.vocab_size, chunk,
+                                   DTYPES[cfg.compute_dtype])
+
+        loss_B = jax.vmap(one_row)(h_BTD, labels_BT, valid_BT)
+    else:
+        logits_BTV = model.apply({"params": params}, inputs_BT, deterministic=True)
+        loss_B = jnp.sum(token_losses(logits_BTV, labels_BT) * valid_BT, axis=1)
+    return loss_B, jnp.sum(valid_BT, axis=1)
+
+
 def eval_step(params, tokens_BT1: jax.Array, *, cfg: Config) -> dict[str, jax.Array]:
-    """Summed token loss and token count of a validation batch (sums, so batches combine exactly);
-    the same loss as training, so ``loss_chunk_size`` bounds the logits' memory here too."""
-    loss_sum, count = loss_sum_fn(params, tokens_BT1, cfg.model)
-    return {"loss_sum": loss_sum, "tokens": count}
+    """Summed token loss and token count of a validation batch, per row (``loss_sum_B``,
+    ``tokens_B``: per-language losses are sums over rows) and in total (sums, so batches combine
+    exactly); the same loss as training, so ``loss_chunk_size`` bounds the logits' memory here too."""
+    loss_B, count_B = row_loss_sums(params, tokens_BT1, cfg.model)
+    return {"loss_sum": jnp.sum(loss_B), "tokens": jnp.sum(count_B), "loss_sum_B": loss_B, "tokens_B": count_B}
 
 
 def next_token_logits(params, tokens_BT: jax.Array, *, cfg: ModelConfig) -> jax.Array:
