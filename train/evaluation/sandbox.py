@@ -393,6 +393,9 @@ def _bwrap_argv(work: str | None, uid: int | None, info_fd: int | None) -> list[
     return argv
 
 
+_BWRAP_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
 def _environment(home: str) -> dict[str, str]:
     return {"HOME": home, "TMPDIR": home, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
 
@@ -430,7 +433,7 @@ def _probe() -> str | None:
     argv = [*_bwrap_argv(None, uid, None), sys.executable, "-I", "-c", "pass"]
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              timeout=60)
+                              env=_BWRAP_ENV, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"bubblewrap did not start ({err})"
     if done.returncode != 0:
@@ -479,7 +482,10 @@ def _start(role: str, spec: dict, fds: list[int], work: str | None, uid: int | N
         return _Started(proc)
     info_r, info_w = os.pipe()
     try:
-        proc = subprocess.Popen([*_bwrap_argv(work, uid, info_w), *runner], pass_fds=[*fds, info_w], **pipes)
+        # bwrap's own processes (pid 1 of the sandbox among them) get no environment of the harness:
+        # in a user namespace the sample may read /proc/1/environ, and the harness may hold tokens.
+        proc = subprocess.Popen([*_bwrap_argv(work, uid, info_w), *runner], pass_fds=[*fds, info_w], env=_BWRAP_ENV,
+                                **pipes)
     finally:
         os.close(info_w)
     return _Started(proc, _open_pid1(info_r))
