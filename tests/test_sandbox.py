@@ -178,6 +178,30 @@ return a + b
     assert_intact(targets)
 
 
+def test_home_directories_are_hidden():
+    mine = tempfile.mkdtemp(prefix=".codeneo-sandbox-", dir=Path.home())
+    try:
+        code = f"import os\nassert not os.path.exists({mine!r})\nassert os.listdir('/home') == []\nreturn a + b"
+        assert run(indent(code)) == (True, "passed")
+    finally:
+        os.rmdir(mine)
+
+
+def test_own_directory_is_small_and_private():
+    code = ("import os\nopen('one.bin', 'wb').write(bytes(1 << 20))  # the file-size limit allows 1 MiB\n"
+            "assert os.statvfs('.').f_blocks * os.statvfs('.').f_frsize == 16 << 20\n"
+            "for i in range(20):\n    open(f'{i}.bin', 'wb').write(bytes(1 << 20))\nreturn a + b")
+    assert run(indent(code)) == (False, "failed: OSError")  # ENOSPC after 16 MiB
+
+
+def test_stop_iteration_cannot_end_the_test_early():
+    """all(map(...)) would stop at a StopIteration and pass every case not yet run."""
+    checker = "def check(candidate):\n    assert all(map(lambda x: candidate(x) == x + 1, range(5)))\n"
+    program = "def inc(x):\n    raise StopIteration\n"
+    assert run_checked(program, checker, "inc", FAST) == (False, "failed: StopIteration")
+    assert run_checked("def inc(x):\n    return x + 1\n", checker, "inc", FAST) == (True, "passed")
+
+
 def test_the_harness_and_its_neighbours_survive_kill():
     bystander = subprocess.Popen(["sleep", "60"])
     try:

@@ -18,10 +18,14 @@ mount namespaces, and the checker's sources never touch a disk (they arrive on s
 secret to steal, so reading memory or files gains nothing. The checker runs only the dataset's
 prompt and test, which are trusted.
 
-Isolation (bubblewrap, ``apt-get install bubblewrap``; ``setpriv`` from util-linux when root):
-new pid, network (loopback only), IPC, UTS and mount namespaces; the whole filesystem read-only,
-``/tmp`` and ``/run`` (host sockets) replaced by empty read-only tmpfs, a fresh ``/proc`` and
-``/dev``; the program's own directory the only writable place; an empty environment. Running as
+Isolation (bubblewrap >= 0.8, ``apt-get install bubblewrap``; ``setpriv`` from util-linux when
+root): new pid, network (loopback only), IPC, UTS and mount namespaces; the whole filesystem
+read-only, with ``/tmp``, ``/run`` (host sockets), ``/home``, ``/root`` and ``$HOME`` (keys, tokens)
+replaced by empty read-only tmpfs (the interpreter's prefixes bound back where they lie below one),
+a fresh ``/proc`` and a read-only ``/dev``; the only writable place is the program's own directory,
+a private tmpfs of ``Limits.scratch`` bytes (nothing reaches the host's disk); an empty
+environment, for the sandbox and for bwrap itself. This assumes the host has procfs mounted only
+at ``/proc``, which bwrap replaces: another procfs in view would show the harness. Running as
 an ordinary user, bwrap maps the sample into a new user namespace with no capabilities and no
 further user namespaces. Running as root (CI), bwrap sets up the namespaces and ``setpriv`` then
 switches to a random unused uid (a fresh one per sandbox) with no capabilities and no_new_privs:
@@ -56,9 +60,10 @@ _MAX_MESSAGE = 16 << 20  # bytes per reply line; larger replies fail the sample
 
 
 # A namedtuple, not a dataclass: importing dataclasses costs each sandboxed interpreter ~14 ms.
-Limits = namedtuple("Limits", "timeout memory file_size processes", defaults=(5.0, 1 << 30, 1 << 20, 8))
-Limits.__doc__ = """Per-sample limits: wall-clock seconds, address space and file size in bytes, and
-processes the program may have at once (itself included)."""
+Limits = namedtuple("Limits", "timeout memory file_size processes scratch",
+                    defaults=(5.0, 1 << 30, 1 << 20, 8, 16 << 20))
+Limits.__doc__ = """Per-sample limits: wall-clock seconds, address space and file size in bytes,
+processes the program may have at once (itself included), and bytes its own directory may hold."""
 
 
 # --------------------------------------------------------------------------- values across the pipe
@@ -144,7 +149,10 @@ def _remote_error(desc) -> Exception:
     name, message = desc[0][:60], desc[1][:500]
     name = name if name.isidentifier() else "Exception"
     cls = vars(builtins).get(name)
-    if isinstance(cls, type) and issubclass(cls, Exception):
+    # StopIteration raised through map() or filter() would end the test's iteration early, as if
+    # every remaining case had passed: it comes back as a RemoteError.
+    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, (StopIteration,
+                                                                                       StopAsyncIteration)):
         try:
             return cls(message)
         except Exception:  # e.g. UnicodeDecodeError wants five arguments
@@ -314,14 +322,13 @@ def _bwrap() -> str | None:
     return shutil.which("bwrap")
 
 
-def _bwrap_supports(option: str) -> bool:
+def _bwrap_version() -> tuple[int, ...]:
+    import re
     import subprocess
 
-    key = ("supports", option)
-    if key not in _cache:
-        out = subprocess.run([_bwrap(), "--help"], capture_output=True, text=True, timeout=30)
-        _cache[key] = option in out.stdout + out.stderr
-    return _cache[key]
+    out = subprocess.run([_bwrap(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    match = re.search(r"(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in match.groups()) if match else (0, 0)
 
 
 def _closed_ancestor(path: str) -> str | None:
@@ -336,25 +343,37 @@ def _closed_ancestor(path: str) -> str | None:
     return None
 
 
-def _interpreter_mounts() -> tuple[list[str], list[str]]:
-    """bwrap arguments that let a uid without rights reach this Python when it lives below a
-    directory closed to others: a tmpfs over that directory, the directories down to the
-    interpreter's prefixes, those bound read-only at their own paths (a venv names its base by
-    path); and the remounts that make the tmpfs read-only afterwards."""
-    if "mounts" in _cache:
-        return _cache["mounts"]
+def _hidden_dirs(root: bool) -> list[str]:
+    """Directories the sandbox sees as empty: home directories (tokens, keys), and as root the
+    topmost directory closed to others above each interpreter prefix (e.g. /root for a pyenv
+    Python), which the sample's uid could not enter anyway."""
+    dirs = {"/home", "/root", os.path.realpath(os.path.expanduser("~"))}
+    if root:
+        dirs |= {d for d in map(_closed_ancestor, _interpreter_prefixes()) if d}
+    dirs = {d for d in dirs if d != "/" and os.path.isdir(d)}
+    return sorted(d for d in dirs if not any(d.startswith(o + "/") for o in dirs))
+
+
+def _interpreter_prefixes() -> list[str]:
     exe_prefix = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
-    paths = sorted({os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix,
-                                                   sys.base_exec_prefix, exe_prefix)})
-    setup, remount, bound, made = [], [], [], set()
-    for path in paths:
-        top = _closed_ancestor(path)
+    return sorted({os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix,
+                                                  sys.base_exec_prefix, exe_prefix)})
+
+
+def _hiding_mounts(root: bool) -> tuple[list[str], list[str]]:
+    """bwrap arguments that put an empty tmpfs over each hidden directory and bind this Python's
+    prefixes back read-only at their own paths where they lie below one (a venv names its base
+    by path); and the remounts that make those tmpfs read-only afterwards."""
+    key = ("mounts", root)
+    if key in _cache:
+        return _cache[key]
+    hidden = _hidden_dirs(root)
+    setup = [arg for d in hidden for arg in ("--tmpfs", d)]
+    made, bound = set(hidden), []
+    for path in _interpreter_prefixes():
+        top = next((d for d in hidden if path == d or path.startswith(d + "/")), None)
         if top is None or any(path == b or path.startswith(b + "/") for b in bound):
             continue
-        if top not in made:
-            setup += ["--tmpfs", top]
-            remount += ["--remount-ro", top]
-            made.add(top)
         current = top
         for part in path[len(top):].strip("/").split("/")[:-1]:
             current += "/" + part
@@ -363,27 +382,27 @@ def _interpreter_mounts() -> tuple[list[str], list[str]]:
                 made.add(current)
         setup += ["--ro-bind", path, path]
         bound.append(path)
-    _cache["mounts"] = (setup, remount)
-    return _cache["mounts"]
+    _cache[key] = (setup, [arg for d in hidden for arg in ("--remount-ro", d)])
+    return _cache[key]
 
 
-def _bwrap_argv(work: str | None, uid: int | None, info_fd: int | None) -> list[str]:
-    """The bwrap command line up to the sandboxed command; ``uid`` is the host uid to drop to
-    when the harness is root (None: map into a new user namespace)."""
+def _bwrap_argv(scratch: int | None, uid: int | None, info_fd: int | None) -> list[str]:
+    """The bwrap command line up to the sandboxed command. ``scratch``: bytes of the writable
+    tmpfs at SAMPLE_DIR (None: none, the checker's case); ``uid``: the host uid to drop to when
+    the harness is root (None: map into a new user namespace)."""
     argv = [_bwrap(), "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-net",
             "--unshare-uts", "--unshare-cgroup-try"]
     if info_fd is not None:
         argv += ["--info-fd", str(info_fd)]
     if uid is None:
-        argv += ["--unshare-user", "--uid", str(_INNER_UID), "--gid", str(_INNER_UID)]
-        if _bwrap_supports("--disable-userns"):
-            argv += ["--disable-userns"]
-    setup, remount = _interpreter_mounts() if uid is not None else ([], [])
+        argv += ["--unshare-user", "--disable-userns", "--uid", str(_INNER_UID), "--gid", str(_INNER_UID)]
+    setup, remount = _hiding_mounts(uid is not None)
     argv += ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run", *setup]
-    if work is not None:
-        argv += ["--bind", work, SAMPLE_DIR]
-    home = SAMPLE_DIR if work is not None else "/tmp"
-    argv += ["--remount-ro", "/tmp", "--remount-ro", "/run", *remount, "--clearenv", "--chdir", home]
+    if scratch is not None:  # its own directory: a private tmpfs, so it can fill neither disk nor memory
+        argv += ["--perms", "1777", "--size", str(scratch), "--tmpfs", SAMPLE_DIR]
+    home = SAMPLE_DIR if scratch is not None else "/tmp"
+    argv += ["--remount-ro", "/tmp", "--remount-ro", "/run", "--remount-ro", "/dev", *remount,
+             "--clearenv", "--chdir", home]
     for key, value in _environment(home).items():
         argv += ["--setenv", key, value]
     argv += ["--"]
@@ -427,10 +446,14 @@ def _probe() -> str | None:
         return "the sandbox needs Linux namespaces"
     if _bwrap() is None:
         return "bubblewrap is not installed (apt-get install bubblewrap)"
+    version = _bwrap_version()
+    if version < (0, 8):
+        return (f"bubblewrap {'.'.join(map(str, version))} is too old (needs 0.8 or later for --disable-userns "
+                "and --size; Debian 12 has it)")
     if _is_root() and shutil.which("setpriv") is None:
         return "setpriv is not installed (apt-get install util-linux)"
     uid = _root_uids()[0] if _is_root() else None
-    argv = [*_bwrap_argv(None, uid, None), sys.executable, "-I", "-c", "pass"]
+    argv = [*_bwrap_argv(1 << 20, uid, None), sys.executable, "-I", "-S", "-c", "pass"]
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env=_BWRAP_ENV, timeout=60)
@@ -466,10 +489,10 @@ def _site_packages() -> list[str]:
     return [p for p in site.getsitepackages() if os.path.isdir(p)]
 
 
-def _start(role: str, spec: dict, fds: list[int], work: str | None, uid: int | None, unsafe: bool,
+def _start(role: str, spec: dict, fds: list[int], scratch: int | None, uid: int | None, unsafe: bool,
            home: str) -> _Started:
-    """Start the runner as ``role`` in a sandbox (``work``: its writable directory, or None), or as a
-    plain subprocess in ``home`` when ``unsafe``."""
+    """Start the runner as ``role`` in a sandbox (``scratch``: bytes of its writable directory, or
+    None for none), or as a plain subprocess in the host directory ``home`` when ``unsafe``."""
     import subprocess
 
     runner = [sys.executable, "-I", "-B", "-S", "-c", _runner_source(), role, json.dumps(spec)]
@@ -484,7 +507,7 @@ def _start(role: str, spec: dict, fds: list[int], work: str | None, uid: int | N
     try:
         # bwrap's own processes (pid 1 of the sandbox among them) get no environment of the harness:
         # in a user namespace the sample may read /proc/1/environ, and the harness may hold tokens.
-        proc = subprocess.Popen([*_bwrap_argv(work, uid, info_w), *runner], pass_fds=[*fds, info_w], env=_BWRAP_ENV,
+        proc = subprocess.Popen([*_bwrap_argv(scratch, uid, info_w), *runner], pass_fds=[*fds, info_w], env=_BWRAP_ENV,
                                 **pipes)
     finally:
         os.close(info_w)
@@ -565,24 +588,19 @@ def run_checked(program: str, checker: str, entry_point: str, limits: Limits | N
     unsafe = bool(unsafe_no_isolation)
     if not unsafe:
         require_isolation()
-    tmp = tempfile.mkdtemp(prefix="heval-")
+    tmp = tempfile.mkdtemp(prefix="heval-") if unsafe else None  # sandboxes get a private tmpfs instead
     started: list[_Started] = []
     fds: list[int] = []
     try:
-        work = os.path.join(tmp, "sample")
-        os.mkdir(work, 0o700)
         uids = _root_uids() if _is_root() and not unsafe else (None, None)
-        if uids[0] is not None:
-            os.chown(work, uids[0], uids[0])
         to_program, to_checker, verdict = os.pipe(), os.pipe(), os.pipe()
         fds = [*to_program, *to_checker, *verdict]
         serve = {"entry": entry_point, "in": to_program[0], "out": to_checker[1],
                  **_limit_spec(limits, unsafe, uids[0])}
         judge = {"entry": entry_point, "check": check, "in": to_checker[0], "out": to_program[1],
                  "verdict": verdict[1], **_limit_spec(limits, unsafe, uids[1])}
-        started.append(_start("serve", serve, [to_program[0], to_checker[1]], work, uids[0], unsafe, work))
-        started.append(_start("check", judge, [to_checker[0], to_program[1], verdict[1]], None, uids[1], unsafe,
-                              tmp))
+        started.append(_start("serve", serve, [to_program[0], to_checker[1]], limits.scratch, uids[0], unsafe, tmp))
+        started.append(_start("check", judge, [to_checker[0], to_program[1], verdict[1]], None, uids[1], unsafe, tmp))
         for fd in fds[:-2] + fds[-1:]:  # only the sandboxes hold these now, so EOF means one is gone
             os.close(fd)
         fds = [verdict[0]]
@@ -601,7 +619,8 @@ def run_checked(program: str, checker: str, entry_point: str, limits: Limits | N
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":  # the runner, as ``python sandbox.py ROLE SPEC`` (sandboxes run _runner_source)
