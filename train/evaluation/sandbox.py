@@ -163,12 +163,18 @@ def _remote_error(desc) -> Exception:
 def _apply_limits(spec: dict) -> None:
     import resource
 
-    resource.setrlimit(resource.RLIMIT_CPU, (spec["cpu"], spec["cpu"] + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (spec["memory"], spec["memory"]))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (spec["fsize"], spec["fsize"]))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    def limit(which: int, soft: int, hard: int) -> None:
+        ceiling = resource.getrlimit(which)[1]  # never above a hard limit the harness already had
+        if ceiling != resource.RLIM_INFINITY:
+            soft, hard = min(soft, ceiling), min(hard, ceiling)
+        resource.setrlimit(which, (soft, hard))
+
+    limit(resource.RLIMIT_CPU, spec["cpu"], spec["cpu"] + 1)
+    limit(resource.RLIMIT_AS, spec["memory"], spec["memory"])
+    limit(resource.RLIMIT_FSIZE, spec["fsize"], spec["fsize"])
+    limit(resource.RLIMIT_CORE, 0, 0)
     if spec["nproc"]:
-        resource.setrlimit(resource.RLIMIT_NPROC, (spec["nproc"], spec["nproc"]))
+        limit(resource.RLIMIT_NPROC, spec["nproc"], spec["nproc"])
     with contextlib.suppress(OSError):  # its own session: no terminal signal from the harness's reaches it
         os.setsid()
 
@@ -350,7 +356,9 @@ def _hidden_dirs(root: bool) -> list[str]:
     dirs = {"/home", "/root", os.path.realpath(os.path.expanduser("~"))}
     if root:
         dirs |= {d for d in map(_closed_ancestor, _interpreter_prefixes()) if d}
-    dirs = {d for d in dirs if d != "/" and os.path.isdir(d)}
+    system = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc")  # a $HOME of / or /usr must stay visible
+    dirs = {d for d in dirs if os.path.isdir(d) and not any(x == d or x.startswith(d.rstrip("/") + "/")
+                                                             for x in system)}
     return sorted(d for d in dirs if not any(d.startswith(o + "/") for o in dirs))
 
 
