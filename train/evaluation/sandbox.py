@@ -5,8 +5,8 @@ point) and the trusted *checker* (prompt + test, defining ``check``). Each runs 
 bubblewrap sandbox; they are connected only by two pipes. In the checker, ``check`` is called with
 a stand-in for the entry point that forwards every call to the program (arguments and results
 cross as JSON-encoded plain data: None, bool, int, float, str, bytes, complex, list, tuple, dict,
-set) and raises there what the program raised. The verdict is written by the checker, after
-``check`` returned, on a third pipe only the checker holds.
+set) and raises there what the program raised. The verdict is written by the checker on a third
+pipe only it holds, and it is "passed" only when ``check`` returned.
 
 Threat model. The completion is arbitrary code with the sandbox user's rights. It never runs in
 the process that decides the verdict, so nothing it does to its own interpreter (exit codes,
@@ -126,7 +126,8 @@ class ProtocolBrokenError(Exception):
 
 
 class RemoteError(Exception):
-    """An exception the program raised that is not a builtin ``Exception`` subclass."""
+    """An exception the program raised that the checker does not raise as itself: not a builtin
+    ``Exception`` subclass, or StopIteration; ``name`` is its class name."""
 
     def __init__(self, name: str, message: str):
         super().__init__(f"{name}: {message}")
@@ -328,11 +329,20 @@ def _bwrap() -> str | None:
     return shutil.which("bwrap")
 
 
+def _setpriv() -> str:
+    import shutil
+
+    return shutil.which("setpriv") or "setpriv"
+
+
 def _bwrap_version() -> tuple[int, ...]:
     import re
     import subprocess
 
-    out = subprocess.run([_bwrap(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    try:
+        out = subprocess.run([_bwrap(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return (0, 0)
     match = re.search(r"(\d+)\.(\d+)", out)
     return tuple(int(x) for x in match.groups()) if match else (0, 0)
 
@@ -415,7 +425,7 @@ def _bwrap_argv(scratch: int | None, uid: int | None, info_fd: int | None) -> li
         argv += ["--setenv", key, value]
     argv += ["--"]
     if uid is not None:
-        argv += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+        argv += [_setpriv(), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
                  "--inh-caps=-all", "--bounding-set=-all", "--"]
     return argv
 
@@ -447,6 +457,7 @@ def isolation_problem() -> str | None:
 
 
 def _probe() -> str | None:
+    """What ``isolation_problem`` reports: the first missing piece, else the error of a trial sandbox."""
     import shutil
     import subprocess
 
