@@ -258,7 +258,7 @@ while True:
         pass
 """
     seen, out = [], {}
-    worker = threading.Thread(target=lambda: out.update(result=run(indent(code))))
+    worker = threading.Thread(target=lambda: out.update(result=run(indent(code), Limits(timeout=3.0))))
     worker.start()
     while worker.is_alive():
         seen.append(len(processes_named(name)))
@@ -287,22 +287,25 @@ COUNT_FORKS = """def count_forks():
 
 def test_process_limit_is_per_sample():
     """A sample holding all its processes does not reduce what another sample may fork."""
-    limits = Limits(timeout=5.0, processes=5)
+    limits = Limits(timeout=60.0, processes=5)  # the hog is killed below, long before its timeout
     hog_name, counter_name = "hv" + secrets.token_hex(6), "hv" + secrets.token_hex(6)
     hog = COUNT_FORKS.replace("NAME", repr(hog_name)).replace("return forks", "while True: pass")
+    hog = hog.replace("    forks = 0\n", f"    forks = 0\n    open('/proc/self/comm', 'w').write({hog_name!r})\n")
     checker = f"def check(candidate):\n    assert candidate() == {limits.processes - 1}\n"
     out = {}
     thread = threading.Thread(target=lambda: out.update(hog=run_checked(hog, checker, "count_forks", limits)))
     thread.start()
     deadline = time.monotonic() + 30
-    while len(processes_named(hog_name)) < limits.processes - 1 and time.monotonic() < deadline:
+    while len(processes_named(hog_name)) < limits.processes and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert len(processes_named(hog_name)) == limits.processes - 1
+    assert len(processes_named(hog_name)) == limits.processes  # itself and 4 children
     counter = COUNT_FORKS.replace("NAME", repr(counter_name))
-    assert run_checked(counter, checker, "count_forks", limits) == (True, "passed")
-    assert thread.is_alive()  # the hog held its processes the whole time
+    assert run_checked(counter, checker, "count_forks", limits._replace(timeout=10.0)) == (True, "passed")
+    assert thread.is_alive() and len(processes_named(hog_name)) == limits.processes  # held all along
+    for pid in processes_named(hog_name):
+        os.kill(pid, 9)
     thread.join()
-    assert out["hog"] == (False, "timed out")
+    assert out["hog"] == (False, "failed: the program exited")
     assert processes_named(hog_name) == processes_named(counter_name) == []
 
 
@@ -344,9 +347,9 @@ spec.loader.exec_module(sb)
 checker = "def check(candidate):\n    assert candidate(1, 2) == 3\n"
 out = {"problem": sb.isolation_problem()}
 for name, body in json.loads(sys.argv[2]).items():
-    out[name] = sb.run_checked("def add(a, b):\n" + body + "\n", checker, "add", sb.Limits(timeout=2.0))
+    out[name] = sb.run_checked("def add(a, b):\n" + body + "\n", checker, "add", sb.Limits(timeout=5.0))
 forks = sys.argv[3].replace("NAME", "'hvuser'")
-out["forks"] = sb.run_checked(forks, "def check(c):\n    assert c() == 7\n", "count_forks", sb.Limits(timeout=3.0))
+out["forks"] = sb.run_checked(forks, "def check(c):\n    assert c() == 7\n", "count_forks", sb.Limits(timeout=5.0))
 print(json.dumps(out))
 """
 
