@@ -47,23 +47,14 @@ This file is stdlib-only: its own source is the runner executed inside the sandb
 from __future__ import annotations
 
 import builtins
-import contextlib
 import json
 import os
 import sys
-from collections import namedtuple
 
 SAMPLE_DIR = "/tmp/sample"  # where the program's writable directory appears inside its sandbox
 _INNER_UID = 65534  # what the sample sees as its uid in a user namespace (nobody)
 _ROOT_UID_BASE, _ROOT_UID_SPAN = 0x71000000, 1 << 24  # uids no account uses (systemd leaves them free)
 _MAX_MESSAGE = 16 << 20  # bytes per reply line; larger replies fail the sample
-
-
-# A namedtuple, not a dataclass: importing dataclasses costs each sandboxed interpreter ~14 ms.
-Limits = namedtuple("Limits", "timeout memory file_size processes scratch",
-                    defaults=(5.0, 1 << 30, 1 << 20, 8, 16 << 20))
-Limits.__doc__ = """Per-sample limits: wall-clock seconds, address space and file size in bytes,
-processes the program may have at once (itself included), and bytes its own directory may hold."""
 
 
 # --------------------------------------------------------------------------- values across the pipe
@@ -176,7 +167,7 @@ def _apply_limits(spec: dict) -> None:
     limit(resource.RLIMIT_CORE, 0, 0)
     if spec["nproc"]:
         limit(resource.RLIMIT_NPROC, spec["nproc"], spec["nproc"])
-    with contextlib.suppress(OSError):  # its own session: no terminal signal from the harness's reaches it
+    if os.getpgrp() != os.getpid():  # its own session: no terminal signal from the harness's reaches it
         os.setsid()
 
 
@@ -290,17 +281,33 @@ def _runner_main(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- the harness side
+# Imported here, not at the top: the runner (the part above) pays for every import twice a sample.
+import contextlib  # noqa: E402
+from collections import namedtuple  # noqa: E402
+
+Limits = namedtuple("Limits", "timeout memory file_size processes scratch",
+                    defaults=(5.0, 1 << 30, 1 << 20, 8, 16 << 20))
+Limits.__doc__ = """Per-sample limits: wall-clock seconds, address space and file size in bytes,
+processes the program may have at once (itself included), and bytes its own directory may hold."""
+
 
 class SandboxUnavailableError(RuntimeError):
     """No sandbox can be made on this machine; the message (one line) says what to install."""
 
 
 class _Started:
-    """A started runner: its Popen (bwrap, or the runner itself when unsafe) and a pidfd for pid 1
-    of its pid namespace (None when unsafe or when bwrap failed)."""
+    """A started runner: its Popen (bwrap, or the runner itself when unsafe), the read end of
+    bwrap's --info-fd until ``resolve``, then a pidfd for pid 1 of its pid namespace (None when
+    unsafe or when bwrap failed)."""
 
-    def __init__(self, proc, pidfd: int | None = None):
-        self.proc, self.pidfd = proc, pidfd
+    def __init__(self, proc, info_fd: int | None = None):
+        self.proc, self.info_fd, self.pidfd = proc, info_fd, None
+
+    def resolve(self) -> None:
+        """Read bwrap's info (it comes once the namespaces exist) and open the pidfd."""
+        if self.info_fd is not None:
+            info_fd, self.info_fd = self.info_fd, None
+            self.pidfd = _open_pid1(info_fd)
 
 
 def _is_root() -> bool:
@@ -528,9 +535,12 @@ def _start(role: str, spec: dict, fds: list[int], scratch: int | None, uid: int 
         # in a user namespace the sample may read /proc/1/environ, and the harness may hold tokens.
         proc = subprocess.Popen([*_bwrap_argv(scratch, uid, info_w), *runner], pass_fds=[*fds, info_w], env=_BWRAP_ENV,
                                 **pipes)
+    except BaseException:
+        os.close(info_r)
+        raise
     finally:
         os.close(info_w)
-    return _Started(proc, _open_pid1(info_r))
+    return _Started(proc, info_r)
 
 
 def _open_pid1(info_r: int) -> int | None:
@@ -569,6 +579,7 @@ def _stop(started: _Started, unsafe: bool) -> None:
     import subprocess
 
     proc = started.proc
+    started.resolve()
     if started.pidfd is not None:
         with contextlib.suppress(OSError):  # pid 1 dying takes every process of its pid namespace with it
             signal.pidfd_send_signal(started.pidfd, signal.SIGKILL)
@@ -623,6 +634,8 @@ def run_checked(program: str, checker: str, entry_point: str, limits: Limits | N
         for fd in fds[:-2] + fds[-1:]:  # only the sandboxes hold these now, so EOF means one is gone
             os.close(fd)
         fds = [verdict[0]]
+        for s in started:  # after both are started, so that their setups overlap
+            s.resolve()
         _feed(started[0], program)
         _feed(started[1], checker)
         try:
