@@ -312,7 +312,10 @@ def test_process_limit_is_per_sample():
 # --------------------------------------------------------------------------- the batch keeps going
 
 def test_batch_of_attacks_and_one_correct_solution(targets, listener):
-    from train.code_eval import evaluate
+    try:
+        from train.evaluation.code_eval import evaluate
+    except ImportError:  # before code_eval moved into train/evaluation/
+        from train.code_eval import evaluate
 
     problem = {"task_id": "T/0", "prompt": "def add(a, b):\n", "entry_point": "add", "test": CHECKER}
     attacks = [*escapes(targets, listener.getsockname()[1]).values(), "while True:\n    pass",
