@@ -2,6 +2,7 @@
 
 import math
 import os
+import tempfile
 import time
 
 import pytest
@@ -113,19 +114,8 @@ def test_endless_output_is_contained(add_problem, stream):
     assert len(result) < 60
 
 
-def test_fork_is_refused(add_problem):
-    passed, result = run_sample(add_problem, "    import os\n    os.fork()\n    return a + b\n")
-    assert not passed and result.startswith("failed")
-
-
-@pytest.mark.parametrize("code", ["import posix\n    posix.fork()", "import posix\n    posix.kill(posix.getppid(), 9)",
-                                  "import subprocess\n    subprocess.run(['true'])",
-                                  "import _posixsubprocess", "import ctypes", "import socket\n    socket.socket()",
-                                  "import shutil\n    shutil.rmtree('/nonexistent')"])
-def test_other_escape_hatches_are_refused(add_problem, code):
-    passed, result = run_sample(add_problem, f"    {code}\n    return a + b\n")
-    assert not passed and result.startswith("failed"), result
-    os.kill(os.getpid(), 0)
+# fork, exec, ctypes, sockets and the rest are no longer refused by a Python guard: the OS sandbox
+# contains what they can do, which tests/test_sandbox.py checks attack by attack.
 
 
 def test_huge_allocation_is_a_memory_error(add_problem):
@@ -147,7 +137,9 @@ def test_write_outside_sandbox_is_refused(add_problem, tmp_path):
 
 
 def test_killing_the_parent_is_refused(add_problem):
-    passed, result = run_sample(add_problem, "    import os\n    os.kill(os.getppid(), 9)\n    return a + b\n")
+    # Its parent is the sandbox's pid 1 (immune to it in a user namespace); the harness is out of its sight.
+    code = f"    import os\n    os.kill(os.getppid(), 9)\n    os.kill({os.getpid()}, 9)\n    return a + b\n"
+    passed, result = run_sample(add_problem, code)
     assert not passed and result.startswith("failed")
     os.kill(os.getpid(), 0)  # still alive
 
@@ -163,7 +155,7 @@ def test_harness_continues_after_misbehaviour(problems, add_problem):
 
 
 def test_no_temp_dirs_left_behind(add_problem, tmp_path, monkeypatch):
-    monkeypatch.setattr(code_eval.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the sandbox makes them
     run_sample(add_problem, "    return a + b\n")
     run_sample(add_problem, "    while True:\n        pass\n", timeout=0.5)
     assert list(tmp_path.iterdir()) == []

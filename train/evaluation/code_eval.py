@@ -1,35 +1,31 @@
-"""HumanEval functional-correctness harness: problems, stop-sequence truncation, a contained
-sandbox for running untrusted completions, and the unbiased pass@k estimator.
+"""HumanEval functional-correctness harness: problems, stop-sequence truncation, running samples
+in the OS sandbox, and the unbiased pass@k estimator.
 
-Model-generated code is untrusted. Every sample runs in its own interpreter (``python -I -B``), in a
-fresh temporary directory, in its own session (process group), under resource limits (CPU seconds,
-address space, file size, process count where it binds), behind a guard prelude that disables
-process creation/killing, sockets and recursive deletes and refuses writes outside the temporary
-directory, and with a wall-clock timeout after which the whole process group is killed. This is
-defence in depth for a research harness, not a security boundary: run it on machines you do not
-mind losing, never with credentials in reach.
+Model-generated code is untrusted. Every sample runs in ``train/evaluation/sandbox.py``: the
+completion and the test in two bubblewrap sandboxes (own pid, network, IPC and mount namespaces, a
+read-only filesystem but for the completion's own temporary directory, an unprivileged uid, CPU,
+memory, file-size and process-count limits, the whole process tree killed at the timeout), the
+completion's function called from the test's ``check`` across a pipe, so that only the test's
+process can report a pass. Where bubblewrap cannot run, evaluation refuses unless asked to run
+without isolation (``unsafe_no_isolation``).
 
 No JAX at import time: the harness runs on any CPU machine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import gzip
 import json
 import os
 import random
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from train.evaluation import sandbox
 
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
 KS = (1, 2, 5, 10)
@@ -88,201 +84,58 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 # --------------------------------------------------------------------------- sandbox
 
-# Runs before the program, in the same interpreter. argv: guard.py PROGRAM ALLOWED_DIR CPU_S AS_BYTES FSIZE_BYTES
-# The resource limits are set here, first thing, rather than in a Popen preexec_fn: preexec_fn runs Python
-# between fork and exec, which can deadlock when the parent is multithreaded (a JAX trainer calling
-# humaneval_quick); without it subprocess uses vfork/posix_spawn and the parent's threads never matter.
-_GUARD = r'''
-import os, resource, sys
-
-_cpu, _mem, _fsize = (int(x) for x in sys.argv[3:6])
-resource.setrlimit(resource.RLIMIT_CPU, (_cpu, _cpu + 1))
-resource.setrlimit(resource.RLIMIT_AS, (_mem, _mem))
-resource.setrlimit(resource.RLIMIT_FSIZE, (_fsize, _fsize))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-if os.getuid() != 0:  # NPROC counts the whole user and does not bind root
-    resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
-del resource, _cpu, _mem, _fsize
-sys.modules.pop("resource", None)
-
-import builtins, io  # noqa: E401
-
-_ALLOWED = os.path.realpath(sys.argv[2])
-_PROGRAM = sys.argv[1]
-
-
-def _inside(path):
-    try:
-        real = os.path.realpath(os.fsdecode(path))
-    except Exception:
-        return False
-    return real == _ALLOWED or real.startswith(_ALLOWED + os.sep)
-
-
-def _writes(mode):
-    return any(ch in str(mode) for ch in "wax+")
-
-
-def _blocked(name):
-    def refuse(*args, **kwargs):
-        raise PermissionError(f"{name} is disabled in the HumanEval sandbox")
-    return refuse
-
-
-_real_open = builtins.open
-
-
-def _guarded_open(file, mode="r", *args, **kwargs):
-    if not isinstance(file, int) and _writes(mode) and not _inside(file):
-        raise PermissionError(f"writing outside the sandbox is not allowed: {file!r}")
-    return _real_open(file, mode, *args, **kwargs)
-
-
-_real_os_open = os.open
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-
-def _guarded_os_open(path, flags, *args, **kwargs):
-    if flags & _WRITE_FLAGS and not _inside(path):
-        raise PermissionError(f"writing outside the sandbox is not allowed: {path!r}")
-    return _real_os_open(path, flags, *args, **kwargs)
-
-
-import _io, posix  # noqa: E401  (os and io re-export these; patch the originals too)
-
-builtins.open = _guarded_open
-io.open = _io.open = _guarded_open
-os.open = posix.open = _guarded_os_open
-
-for _name in ("fork", "forkpty", "kill", "killpg", "system", "popen", "execv", "execve", "execvp",
-              "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp",
-              "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp",
-              "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
-              "chmod", "chown", "putenv", "setuid", "setgid"):
-    for _mod in (os, posix):
-        if hasattr(_mod, _name):
-            setattr(_mod, _name, _blocked("os." + _name))
-
-import shutil, socket, subprocess  # noqa: E401
-
-shutil.rmtree = _blocked("shutil.rmtree")
-shutil.move = _blocked("shutil.move")
-shutil.chown = _blocked("shutil.chown")
-subprocess.Popen = _blocked("subprocess.Popen")
-subprocess._fork_exec = subprocess._posixsubprocess = None
-for _name in ("run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
-    setattr(subprocess, _name, _blocked("subprocess." + _name))
-socket.socket = _blocked("socket.socket")
-socket.create_connection = _blocked("socket.create_connection")
-for _name in ("ctypes", "_ctypes", "multiprocessing", "_multiprocessing", "_posixsubprocess", "resource",
-              "psutil", "pty", "_socket"):
-    sys.modules[_name] = None  # importing them now raises ImportError
-
-del _name, _mod
-sys.argv = [_PROGRAM]
-with _real_open(_PROGRAM, encoding="utf-8") as _fh:
-    _code = compile(_fh.read(), _PROGRAM, "exec")
-_globals = {"__name__": "__main__", "__file__": _PROGRAM, "__builtins__": builtins}
-exec(_code, _globals)
-'''
-
 _GIB = 1 << 30
-_MIB = 1 << 20
 
 
 def program_text(problem: dict, completion: str) -> str:
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
-            + f"check({problem['entry_point']})\n")
+    """The untrusted program of a sample: the prompt with the completion as the function body."""
+    return problem["prompt"] + completion + "\n"
 
 
-def _describe_failure(returncode: int, stderr: str) -> str:
-    if returncode < 0:
-        sig = -returncode
-        if sig == signal.SIGXCPU:
-            return "timed out"
-        try:
-            return f"failed: killed by {signal.Signals(sig).name}"
-        except ValueError:
-            return f"failed: killed by signal {sig}"
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    if not lines:
-        return f"failed: exit code {returncode}"
-    last = lines[-1].strip()
-    exc = last.split(":", 1)[0].strip()
-    name = exc.rsplit(".", 1)[-1]
-    if name.isidentifier() and len(exc) <= 100 and "Traceback" in stderr:
-        return f"failed: {name}"
-    return f"failed: exit code {returncode}"
-
-
-def run_sample(problem: dict, completion: str, timeout: float = 5.0, memory: int = _GIB) -> tuple[bool, str]:
-    """Run ``prompt + completion + test + check(entry_point)`` in the sandbox described in the
-    module docstring. Returns ``(passed, result)`` with ``result`` "passed", "timed out" or
-    "failed: <ExceptionName>"."""
-    tmp = tempfile.mkdtemp(prefix="heval-")
-    proc = None
+def checker_text(problem: dict) -> str:
+    """The trusted checker of a sample: the prompt (for its imports and helpers; a prompt that is
+    only a signature gets a ``pass`` body) and the test, which defines ``check``."""
+    prompt = problem["prompt"]
     try:
-        program = os.path.join(tmp, "program.py")
-        guard = os.path.join(tmp, "guard.py")
-        with open(program, "w", encoding="utf-8") as fh:
-            fh.write(program_text(problem, completion))
-        with open(guard, "w", encoding="utf-8") as fh:
-            fh.write(_GUARD)
-        env = {"HOME": tmp, "TMPDIR": tmp, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
-               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-        argv = [sys.executable, "-I", "-B", guard, program, tmp, str(int(timeout) + 1), str(memory), str(_MIB)]
-        # stdout is discarded and stderr goes to a file capped by RLIMIT_FSIZE, so a sample that prints
-        # without end cannot fill the harness's memory through a pipe.
-        err_path = os.path.join(tmp, "stderr.txt")
-        with open(err_path, "wb") as err_fh:
-            proc = subprocess.Popen(argv, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err_fh, start_new_session=True)
-        try:
-            proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _killpg(proc.pid)
-            with contextlib.suppress(Exception):
-                proc.communicate(timeout=5)
-            return False, "timed out"
-        if proc.returncode == 0:
-            return True, "passed"
-        with open(err_path, "rb") as fh:
-            fh.seek(max(0, os.path.getsize(err_path) - 4096))
-            stderr = fh.read().decode("utf-8", "replace")
-        return False, _describe_failure(proc.returncode, stderr)
-    except Exception as err:  # the harness itself must keep going
-        return False, f"failed: harness error {type(err).__name__}: {err}"
-    finally:
-        if proc is not None:
-            _killpg(proc.pid)  # stragglers in the session, if anything got that far
-            with contextlib.suppress(Exception):
-                proc.kill()
-                proc.wait(timeout=5)
-        shutil.rmtree(tmp, ignore_errors=True)
+        compile(prompt, "prompt.py", "exec")
+    except SyntaxError:
+        prompt += "    pass\n"
+    return prompt + "\n\n" + problem["test"] + "\n"
 
 
-def _killpg(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
-        os.killpg(pgid, signal.SIGKILL)
+def run_sample(problem: dict, completion: str, timeout: float = 5.0, memory: int = _GIB,
+               unsafe_no_isolation: bool = False) -> tuple[bool, str]:
+    """Run ``check(entry_point)`` for ``prompt + completion`` in the OS sandbox of
+    ``train/evaluation/sandbox.py``: the completion in one sandbox, the test in another, so only
+    the test can report a pass. Returns ``(passed, result)`` with ``result`` "passed", "timed out"
+    or "failed: <reason>"; raises SandboxUnavailableError when no sandbox can be made here and
+    ``unsafe_no_isolation`` is false."""
+    limits = sandbox.Limits(timeout=timeout, memory=memory)
+    return sandbox.run_checked(program_text(problem, completion), checker_text(problem), problem["entry_point"],
+                               limits, unsafe_no_isolation=unsafe_no_isolation)
 
 
 # --------------------------------------------------------------------------- evaluation
 
 def evaluate(problems: dict[str, dict], completions: dict[str, list[str]], workers: int = 2,
-             timeout: float = 5.0) -> tuple[list[dict], dict]:
+             timeout: float = 5.0, unsafe_no_isolation: bool = False) -> tuple[list[dict], dict]:
     """Run every completion of every task in ``completions`` (keys must be in ``problems``).
 
     Returns ``(rows, summary)``: one row per sample (``task_id``, ``sample``, ``completion``,
     ``passed``, ``result``) and ``{"tasks", "samples", "pass@k"...}`` averaged over tasks, with
-    ``pass@k`` only for ``k <= n`` (the smallest per-task sample count)."""
+    ``pass@k`` only for ``k <= n`` (the smallest per-task sample count). Raises
+    SandboxUnavailableError before running anything when no sandbox can be made here, unless
+    ``unsafe_no_isolation``."""
     missing = [t for t in completions if t not in problems]
     if missing:
         raise KeyError(f"unknown task ids: {missing[:5]}")
+    if not unsafe_no_isolation:
+        sandbox.require_isolation()
     jobs = [(tid, i, comp) for tid, comps in completions.items() for i, comp in enumerate(comps)]
 
     def one(job):
         tid, i, comp = job
-        passed, result = run_sample(problems[tid], comp, timeout=timeout)
+        passed, result = run_sample(problems[tid], comp, timeout=timeout, unsafe_no_isolation=unsafe_no_isolation)
         return {"task_id": tid, "sample": i, "completion": comp, "passed": passed, "result": result}
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -341,10 +194,11 @@ def append_summary(path: str | os.PathLike | None, row: dict) -> Path:
 
 
 def humaneval_quick(completion_fn, n_tasks: int = 20, samples: int = 1, seed: int = 0, workers: int = 2,
-                    problems: dict[str, dict] | None = None) -> dict:
+                    problems: dict[str, dict] | None = None, unsafe_no_isolation: bool = False) -> dict:
     """Cheap in-training signal: ``samples`` completions for ``n_tasks`` tasks drawn with ``seed``.
     ``completion_fn(prompts, n)`` returns n completions per prompt, grouped prompt by prompt.
-    Returns ``{"humaneval/pass@1": ..., "humaneval/tasks": ...}`` for logging."""
+    Returns ``{"humaneval/pass@1": ..., "humaneval/tasks": ...}`` for logging; samples run as in
+    ``evaluate``."""
     problems = problems if problems is not None else read_problems()
     ids = sorted(problems)
     ids = random.Random(seed).sample(ids, min(n_tasks, len(ids)))
@@ -352,5 +206,5 @@ def humaneval_quick(completion_fn, n_tasks: int = 20, samples: int = 1, seed: in
     if len(outs) != len(ids) * samples:
         raise ValueError(f"completion_fn returned {len(outs)} completions, expected {len(ids) * samples}")
     completions = {t: [truncate(c) for c in outs[i * samples:(i + 1) * samples]] for i, t in enumerate(ids)}
-    _, summary = evaluate(problems, completions, workers=workers)
+    _, summary = evaluate(problems, completions, workers=workers, unsafe_no_isolation=unsafe_no_isolation)
     return {f"humaneval/{k}": v for k, v in summary.items()}

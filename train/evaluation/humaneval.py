@@ -6,6 +6,9 @@ solutions (a self-check of the harness, which must score pass@1 = 1.0).
     python -m train.evaluate_humaneval --completions samples.jsonl     # {"task_id", "completion"} lines
     python -m train.evaluate_humaneval --canonical
 
+Samples run in an OS sandbox (bubblewrap, see train/evaluation/sandbox.py); where none can be made
+the command refuses, naming what to install, unless --unsafe-no-isolation.
+
 Every completion is cut at the first top-level stop sequence before it runs. Per-sample results go
 to ``--out`` (JSONL); the summary is printed and appended to ``docs/evaluation.md`` unless
 ``--no-docs``.
@@ -21,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from train.evaluation.code_eval import KS, append_summary, evaluate, read_problems, truncate
+from train.evaluation.sandbox import SandboxUnavailableError, require_isolation
 
 
 def load_completions(path: str | Path, problems: dict) -> dict[str, list[str]]:
@@ -78,12 +82,17 @@ def main(argv=None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="do not append the summary to docs/evaluation.md")
     parser.add_argument("--docs", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--note", default="", help="free text for the docs row")
+    parser.add_argument("--unsafe-no-isolation", action="store_true",
+                        help="run samples without the OS sandbox (only where bubblewrap cannot run; "
+                             "untrusted code then has this user's rights)")
     args = parser.parse_args(argv)
     if args.samples_per_task < 1:
         parser.error("--samples-per-task must be >= 1")
 
     t0 = time.monotonic()
     try:
+        if not args.unsafe_no_isolation:
+            require_isolation()  # before any model is loaded or sampled
         problems = read_problems()
         if args.limit is not None:
             problems = dict(list(problems.items())[:args.limit])
@@ -99,11 +108,12 @@ def main(argv=None) -> int:
             model = str(args.run or args.hf)
             completions = generate_completions(args, problems)
             note = args.note
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, SandboxUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
-    rows, summary = evaluate(problems, completions, workers=args.workers, timeout=args.timeout)
+    rows, summary = evaluate(problems, completions, workers=args.workers, timeout=args.timeout,
+                             unsafe_no_isolation=args.unsafe_no_isolation)
     seconds = time.monotonic() - t0
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
