@@ -92,3 +92,15 @@ def test_report_two_runs_html(tmp_path):
     diffs = R.config_differences([R.load_run(a), R.load_run(b)])
     assert diffs["optimizer.learning_rate"] == [1e-3, 3e-3] and diffs["run.name"] == ["a", "b"]
     assert "optimizer.learning_rate" in page
+
+
+def test_per_language_eval_loss_table(tmp_path):
+    """The last evaluation's ``eval_loss/<language>`` values appear per run in the report."""
+    a = _fake_run(tmp_path / "a", "a", 1e-3)
+    with (a / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 21, "eval_loss": 2.5, "eval_loss/python": 2.25, "eval_loss/c": 3.125}) + "\n")
+    assert R.language_losses(R.load_run(a)) == {"c": 3.125, "python": 2.25}
+    out = tmp_path / "report"
+    R.main(["--run", str(a), "--out", str(out)])
+    page = (out / "index.html").read_text()
+    assert "Final held-out loss by language" in page and "<td>python</td><td>2.25</td>" in page

@@ -54,6 +54,8 @@ def test_run_writes_config_metrics_checkpoints_and_resumes_exactly(tiny_corpus, 
     for key in ("step", "loss", "learning_rate", "tokens_per_second", "mfu", "grad_norm"):
         assert all(key in r for r in train_rec), key
     assert [r["step"] for r in evals] == [6, 12]
+    assert all(r["eval_tokens"] == 4096 and r["eval_loss/python"] == pytest.approx(r["eval_loss"]) for r in evals)
+    assert all(r["mfu"] is None for r in train_rec)  # a CPU has no peak that bounds the step
     assert all(r["perplexity"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals)
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"] < math.log(512)
     assert train_rec[0]["learning_rate"] == 0.0 and train_rec[2]["learning_rate"] > 0
@@ -161,3 +163,31 @@ def test_humaneval_every_logs_pass_at_1(tiny_corpus, tmp_path):
     rows = [r for r in read_metrics(tmp_path / "run") if "humaneval/pass@1" in r]
     assert [r["step"] for r in rows] == [2]
     assert rows[0]["humaneval/pass@1"] == 0.0  # an untrained tiny model solves nothing
+
+
+def test_eval_tokens_beyond_the_validation_set_is_refused_before_the_first_step(tiny_corpus, tmp_path):
+    with pytest.raises(C.ConfigError, match=r"^data\.eval_tokens: ") as err:
+        train(_cfg(tiny_corpus, tmp_path / "run", "data.eval_tokens=100000000"))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_held_out_losses_do_not_depend_on_the_device_count(tiny_corpus, tmp_path):
+    """The same parameters scored on 1 device (batch 2) and on 8 devices (batch 8): the same
+    held-out rows, eval_loss within float rounding."""
+    from train.core import sharding
+    from train.core.hooks import evaluate
+    from train.core.step import compile_steps
+    from train.run import make_eval_set, resolve
+
+    results = []
+    for devices, batch in ((1, 2), (8, 8)):
+        cfg = resolve(_cfg(tiny_corpus, tmp_path / f"d{devices}", f"train.batch_size={batch}"), devices)
+        mesh = sharding.make_mesh(cfg, jax.devices()[:devices])
+        compiled = compile_steps(cfg, mesh)
+        params = compiled.init(jax.random.PRNGKey(0)).params
+        eval_set = make_eval_set(cfg)
+        assert sum(int((i >= 0).sum()) for i in eval_set.index) == len(eval_set.language)
+        results.append(evaluate(compiled, params, eval_set))
+    assert results[0]["eval_tokens"] == results[1]["eval_tokens"] == 4096
+    assert results[0]["eval_loss"] == pytest.approx(results[1]["eval_loss"], rel=1e-6)

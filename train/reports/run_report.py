@@ -160,6 +160,14 @@ def summary(run: Run) -> dict[str, Any]:
     }
 
 
+def language_losses(run: Run) -> dict[str, float]:
+    """The last evaluation's held-out loss per language (``eval_loss/<language>``)."""
+    evals = [r for r in run.eval if r.get("eval_loss") is not None]
+    if not evals:
+        return {}
+    return {k.split("/", 1)[1]: v for k, v in sorted(evals[-1].items()) if k.startswith("eval_loss/")}
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -204,6 +212,11 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     summaries = [summary(r) for r in runs]
     header = list(summaries[0].keys())
     sections = [("Summary", table(header, [[s[h] for h in header] for s in summaries]))]
+    per_language = [language_losses(r) for r in runs]
+    languages = sorted(set().union(*per_language))
+    if languages:
+        rows = [[language, *[losses.get(language) for losses in per_language]] for language in languages]
+        sections.append(("Final held-out loss by language", table(["language", *[r.name for r in runs]], rows)))
     if len(runs) > 1:
         diffs = config_differences(runs)
         rows = [[k, *v] for k, v in diffs.items()]
