@@ -239,3 +239,26 @@ def test_gelu_and_layer_norm_gradients_match_autodiff_and_keep_less(dtype):
 
     assert kept(M.gelu_tanh, x) == x.size < kept(lambda x: jax.nn.gelu(x, approximate=True), x)
     assert kept(lambda *a: M.layer_norm(*a, 1e-5), x, scale, bias) < kept(ln_ref, x, scale, bias)
+
+
+def test_gpt2_residual_projections_start_scaled_by_depth():
+    """GPT-2 from scratch: attention out_proj and MLP c_proj ~ N(0, 0.02 / sqrt(2 L)), as Hugging
+    Face GPT-2 initialises them; every other matrix (and all of GPT-Neo's) ~ N(0, 0.02)."""
+    import flax.linen as nn
+    import jax
+
+    from tests.helpers import tiny_config
+    from train.core.model import init_params
+
+    cases = (("gpt2", "[global]", 0.02 / np.sqrt(2 * 8)), ("gpt_neo", "[global, local]", 0.02))
+    for family, layers, expected in cases:
+        cfg = tiny_config(f"model.family={family}", f"model.attention_layers={layers}", "model.num_layers=8",
+                          "model.hidden_size=128", "model.num_heads=4").model
+        params = nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(0)))
+        block = params["h_0"]
+        out_proj = np.asarray(block["attn"]["out_proj_kernel"])
+        c_proj = np.asarray(block["mlp"]["c_proj"]["kernel"])
+        c_fc = np.asarray(block["mlp"]["c_fc"]["kernel"])
+        assert out_proj.std() == pytest.approx(expected, rel=0.05)
+        assert c_proj.std() == pytest.approx(expected, rel=0.05)
+        assert c_fc.std() == pytest.approx(0.02, rel=0.05)

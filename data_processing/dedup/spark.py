@@ -303,28 +303,12 @@ def _persist(df):
     return df.persist(StorageLevel.MEMORY_AND_DISK)
 
 
-def plan_spark(
-    spark,
-    source: str,
-    params: DedupParams | None = None,
-    *,
-    skip_bad: bool = False,
-    progress: bool = True,
-) -> SparkPlan:
-    """Run stages 1-5 on Spark and decide which records survive (nothing is written)."""
+def _signatures(spark, files, params: DedupParams, skip_bad: bool):
+    """Stage 1: signatures, then the survivor order as a number (the rank), each record's exact
+    group survivor (``rep``) and group size. Returns ``(nodes, bad_counts)``."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    params = (params or DedupParams()).resolved()
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    names, uris = list_input(spark, source)
-    files = _files_frame(spark, names, uris)
-    seconds["list"] = time.perf_counter() - t0
-    _log(progress, f"{len(names)} shards listed in {seconds['list']:.1f} s")
-
-    # Stage 1: signatures, then the survivor order as a number (the rank).
-    t = time.perf_counter()
     signed = _persist(files.mapInArrow(partial(_sign_files, params=params, skip_bad=skip_bad), SIGN_SCHEMA))
     # One job builds the cache and gathers the bad records: count per reason, first shard of each.
     errors = (signed.where(F.col("error").isNotNull()).groupBy("error", "fatal")
@@ -342,22 +326,28 @@ def plan_spark(
     nodes = checkpoint(ranked.withColumn("rep", F.min("rank").over(w_exact))
                        .withColumn("group_size", F.count("*").over(w_exact)))
     signed.unpersist()
-    seconds["signatures"] = time.perf_counter() - t
-    _log(progress, f"signatures: {seconds['signatures']:.1f} s")
+    return nodes, bad_counts
 
-    # Stage 2: exact duplicates (the window above); aggregate figures only.
-    t = time.perf_counter()
+
+def _exact_figures(nodes):
+    """Stage 2: exact duplicates (the window of stage 1); aggregate figures only."""
+    from pyspark.sql import functions as F
+
     dup = F.col("rank") != F.col("rep")
-    ex = nodes.agg(F.count("*").alias("files"), F.sum("size").alias("bytes"),
-                   F.sum(F.when(dup, 1).otherwise(0)).alias("removed_files"),
-                   F.sum(F.when(dup, F.col("size")).otherwise(0)).alias("removed_bytes"),
-                   F.sum(F.when(~dup & (F.col("group_size") > 1), 1).otherwise(0)).alias("groups")).first()
-    seconds["exact"] = time.perf_counter() - t
+    return nodes.agg(F.count("*").alias("files"), F.sum("size").alias("bytes"),
+                     F.sum(F.when(dup, 1).otherwise(0)).alias("removed_files"),
+                     F.sum(F.when(dup, F.col("size")).otherwise(0)).alias("removed_bytes"),
+                     F.sum(F.when(~dup & (F.col("group_size") > 1), 1).otherwise(0)).alias("groups")).first()
 
-    # Stage 3: buckets -> candidate pairs (a, b), a < b, by the local engine's rule.
-    t = time.perf_counter()
+
+def _candidate_pairs(nodes):
+    """Stage 3: buckets -> candidate pairs (a, b), a < b, by the local engine's rule (all pairs
+    in buckets up to ``ALL_PAIRS_MAX_MEMBERS``, a chain in rank order above)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
     bucket = Window.partitionBy("band", "key")
-    exploded = (nodes.where(~dup).select("rank", F.posexplode("bands").alias("band", "key"))
+    exploded = (nodes.where(F.col("rank") == F.col("rep")).select("rank", F.posexplode("bands").alias("band", "key"))
                 .withColumn("members", F.count("*").over(bucket)).where(F.col("members") > 1))
     exploded = checkpoint(exploded)
     small = exploded.where(F.col("members") <= minhash.ALL_PAIRS_MAX_MEMBERS).select("band", "key", "rank")
@@ -367,13 +357,14 @@ def plan_spark(
     pairs_big = (exploded.where(F.col("members") > minhash.ALL_PAIRS_MAX_MEMBERS)
                  .withColumn("prev", F.lag("rank").over(bucket.orderBy("rank")))
                  .where(F.col("prev").isNotNull()).select(F.col("prev").alias("a"), F.col("rank").alias("b")))
-    pairs = checkpoint(pairs_small.unionByName(pairs_big).distinct())
-    n_pairs = pairs.count()
-    seconds["lsh"] = time.perf_counter() - t
-    _log(progress, f"{n_pairs} candidate pairs in {seconds['lsh']:.1f} s")
+    return checkpoint(pairs_small.unionByName(pairs_big).distinct())
 
-    # Stage 4: verify candidates on exact shingle sets (recomputed for candidates only).
-    t = time.perf_counter()
+
+def _verified_pairs(files, nodes, pairs, params: DedupParams):
+    """Stage 4: verify candidates on exact shingle sets (recomputed for candidates only).
+    Returns ``(verified pairs, number of candidate records)``."""
+    from pyspark.sql import functions as F
+
     cand = pairs.select(F.col("a").alias("rank")).unionByName(pairs.select(F.col("b").alias("rank"))).distinct()
     want = (nodes.join(cand, "rank").groupBy("shard")
             .agg(F.collect_list(F.struct("idx", "rank")).alias("want")))
@@ -383,13 +374,14 @@ def plan_spark(
     joined = (pairs.join(sets.select(F.col("rank").alias("a"), F.col("shingles").alias("sa")), "a")
               .join(sets.select(F.col("rank").alias("b"), F.col("shingles").alias("sb")), "b")
               .select("a", "b", "sa", "sb"))
-    verified = checkpoint(joined.mapInArrow(partial(_verify_pairs, threshold=params.threshold), "a long, b long"))
-    n_verified = verified.count()
-    seconds["verify"] = time.perf_counter() - t
-    _log(progress, f"{n_verified} of {n_pairs} pairs verified in {seconds['verify']:.1f} s")
+    return checkpoint(joined.mapInArrow(partial(_verify_pairs, threshold=params.threshold), "a long, b long")), n_cand
 
-    # Stage 5: connected components; the smallest rank of each is its survivor.
-    t = time.perf_counter()
+
+def _clustered(spark, nodes, verified, n_verified: int):
+    """Stage 5: connected components; the smallest rank of each is its survivor. Returns the
+    records with ``root`` and ``keep``, and the large/small-star rounds it took."""
+    from pyspark.sql import functions as F
+
     from data_processing.dedup.spark_components import connected_components
 
     roots, rounds = connected_components(verified) if n_verified else (None, 0)
@@ -399,13 +391,53 @@ def plan_spark(
         nodes.drop("bands").join(roots.withColumnRenamed("node", "rank"), "rank", "left")
         .withColumn("root", F.coalesce("root", "rank"))
         .withColumn("keep", (F.col("rank") == F.col("rep")) & (F.col("root") == F.col("rank"))))
-    seconds["clusters"] = time.perf_counter() - t
+    return records, rounds
+
+
+def _counted(df):
+    return df, df.count()
+
+
+def _first_counted(pair):
+    return _counted(pair[0]), pair[1]
+
+
+def plan_spark(
+    spark,
+    source: str,
+    params: DedupParams | None = None,
+    *,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> SparkPlan:
+    """Run stages 1-5 on Spark and decide which records survive (nothing is written)."""
+    params = (params or DedupParams()).resolved()
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    names, uris = list_input(spark, source)
+    files = _files_frame(spark, names, uris)
+    seconds["list"] = time.perf_counter() - t
+    _log(progress, f"{len(names)} shards listed in {seconds['list']:.1f} s")
+
+    def timed(stage: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        seconds[stage] = time.perf_counter() - start
+        return out
+
+    nodes, bad_counts = timed("signatures", _signatures, spark, files, params, skip_bad)
+    _log(progress, f"signatures: {seconds['signatures']:.1f} s")
+    ex = timed("exact", _exact_figures, nodes)
+    pairs, n_pairs = timed("lsh", lambda: _counted(_candidate_pairs(nodes)))
+    _log(progress, f"{n_pairs} candidate pairs in {seconds['lsh']:.1f} s")
+    (verified, n_verified), n_cand = timed("verify", lambda: _first_counted(
+        _verified_pairs(files, nodes, pairs, params)))
+    _log(progress, f"{n_verified} of {n_pairs} pairs verified in {seconds['verify']:.1f} s")
+    records, rounds = timed("clusters", _clustered, spark, nodes, verified, n_verified)
     _log(progress, f"clusters in {rounds} large/small-star rounds, {seconds['clusters']:.1f} s")
 
-    t = time.perf_counter()
-    report = _report(records, ex, params, bad_counts, len(names),
-                     {"candidate_pairs": n_pairs, "verified_pairs": n_verified, "candidate_records": n_cand})
-    seconds["report"] = time.perf_counter() - t
+    report = timed("report", _report, records, ex, params, bad_counts, len(names),
+                   {"candidate_pairs": n_pairs, "verified_pairs": n_verified, "candidate_records": n_cand})
     elapsed = sum(seconds[k] for k in ("list", "signatures", "exact", "lsh", "verify", "clusters"))
     report["workers"] = spark.sparkContext.defaultParallelism
     report["seconds"] = {"signatures": seconds["list"] + seconds["signatures"], "exact": seconds["exact"],

@@ -16,6 +16,7 @@ GPT-2 specifics: scores scaled by 1/sqrt(K), q/k/v biases, every layer global.
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -32,6 +33,15 @@ def _dtype(name: str):
 
 def _init(cfg: ModelConfig):
     return nn.initializers.normal(stddev=cfg.initializer_range)
+
+
+def _residual_init(cfg: ModelConfig):
+    """The layers that write into the residual stream (attention out_proj, MLP c_proj): GPT-2
+    scales their init by 1/sqrt(2 x layers) so the stream's variance does not grow with depth
+    (Radford et al. 2019; Hugging Face GPT-2's ``_init_weights``). GPT-Neo's reference does not."""
+    if cfg.family != "gpt2":
+        return _init(cfg)
+    return nn.initializers.normal(stddev=cfg.initializer_range / math.sqrt(2 * cfg.num_layers))
 
 
 def _partitioned(init, axes: tuple[str | None, ...]):
@@ -258,7 +268,7 @@ class Attention(nn.Module):
             probs_BHTS = nn.Dropout(cfg.attention_dropout)(probs_BHTS, deterministic=deterministic)
             out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
         out_BTHK = nn.with_logical_constraint(out_BTHK, ("act_batch", "act_seq", "act_heads", None))
-        out_kernel_HKD = self.param("out_proj_kernel", _partitioned(_init(cfg), ("heads", "kv", "embed")),
+        out_kernel_HKD = self.param("out_proj_kernel", _partitioned(_residual_init(cfg), ("heads", "kv", "embed")),
                                     (H, K, cfg.hidden_size), pdtype)
         out_bias_D = self.param("out_proj_bias", _partitioned(nn.initializers.zeros, ("embed",)),
                                 (cfg.hidden_size,), pdtype)
@@ -308,7 +318,7 @@ class MLP(nn.Module):
         h_BTF = activation_fn(cfg.activation)(h_BTF)
         out_BTD = nn.Dense(
             cfg.hidden_size, dtype=dtype, param_dtype=pdtype, name="c_proj",
-            kernel_init=_partitioned(_init(cfg), ("mlp", "embed")),
+            kernel_init=_partitioned(_residual_init(cfg), ("mlp", "embed")),
             bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
         )(h_BTF)
         return nn.Dropout(cfg.resid_dropout)(out_BTD, deterministic=deterministic)
