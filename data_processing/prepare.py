@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from data_processing import filters, ingest
+from data_processing import filters, ingest, redact
 from data_processing.atomic import write_json_atomic
 from data_processing.dedup import DedupParams, Workers, plan_dedup
 from data_processing.minhash import hash_bytes
@@ -88,6 +88,7 @@ def prepare(
     shard_size_mb: float = 64.0,
     workers: int | None = None,
     progress: bool = True,
+    redact_pii: bool = True,
 ) -> dict[str, Any]:
     """Run the whole pipeline into ``out``; returns the report (also written to report.json)."""
     t0 = time.perf_counter()
@@ -118,8 +119,12 @@ def prepare(
     stream = ingest.capped(records(), max_files=max_files, max_bytes=max_bytes)
     if progress:
         stream = ingest.progress(stream, "ingest+filter")
+    kept = filters.filter_records(stream, filter_config, fstats)
+    rstats = redact.RedactStats()
+    if redact_pii:  # after the filters (nothing is redacted that is dropped), before dedup
+        kept = redact.redact_records(kept, rstats)
     with ShardSetWriter(work / "filtered", "filtered", max_bytes=shard_bytes) as writer:
-        for record in filters.filter_records(stream, filter_config, fstats):
+        for record in kept:
             writer.write(record)
     paths = writer.paths
     t1 = time.perf_counter()
@@ -169,11 +174,12 @@ def prepare(
         "params": {
             "depth": depth, "validation_fraction": validation_fraction, "seed": seed,
             "max_files": max_files, "max_bytes": max_bytes, "shard_size_mb": shard_size_mb,
-            "filters": asdict(filter_config), "dedup": asdict(dedup_params),
+            "filters": asdict(filter_config), "dedup": asdict(dedup_params), "redact": redact_pii,
         },
         "ingest": istats.as_dict(),
         "bad_records": dict(bad.counts),
         "filters": fstats.as_dict(),
+        "redact": rstats.as_dict() if redact_pii else {"enabled": False},
         "dedup": result.report,
         "split": split,
         "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1]["train"]["bytes"])),
@@ -202,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="processes for dedup (default: all cores)")
     p.add_argument("--threshold", type=float, default=0.85, help="near-duplicate Jaccard threshold")
     p.add_argument("--num-perm", type=int, default=128)
+    p.add_argument("--no-redact", action="store_true",
+                   help="keep e-mails, IP addresses, keys and passwords (redaction is on by default)")
     filters.add_config_args(p)
     args = p.parse_args(argv)
     try:
@@ -213,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             dedup_params=DedupParams(threshold=args.threshold, num_perm=args.num_perm),
             validation_fraction=args.validation_fraction, seed=args.seed, max_files=args.max_files,
             max_bytes=args.max_bytes, shard_size_mb=args.shard_size_mb, workers=args.workers,
+            redact_pii=not args.no_redact,
         )
     except ShardError as err:
         print(f"error: {err}", file=sys.stderr)
