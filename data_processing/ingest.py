@@ -27,6 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from data_processing import licenses
 from data_processing.languages import detect_language
 from data_processing.shards import BadRecordCounter, ShardError, ShardSetWriter, iter_dir_records
 
@@ -41,14 +42,6 @@ LOCK_FILES = frozenset({
     "package-lock.json", "yarn.lock", "pnpm-lock.yaml", "Cargo.lock", "poetry.lock", "Pipfile.lock",
     "composer.lock", "Gemfile.lock", "go.sum", "mix.lock", "Podfile.lock", "uv.lock", "flake.lock",
 })
-LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "COPYING", "COPYING.txt", "LICENCE")
-# First match wins; order matters (LGPL before GPL).
-LICENSE_MARKERS = (
-    ("Apache License", "Apache-2.0"), ("MIT License", "MIT"), ("Permission is hereby granted, free", "MIT"),
-    ("GNU LESSER GENERAL PUBLIC", "LGPL"), ("GNU AFFERO", "AGPL"), ("GNU GENERAL PUBLIC", "GPL"),
-    ("Mozilla Public License", "MPL-2.0"), ("Redistribution and use in source and binary", "BSD"),
-    ("PYTHON SOFTWARE FOUNDATION", "PSF-2.0"), ("The Unlicense", "Unlicense"),
-)
 BINARY_PROBE_BYTES = 8192
 DEFAULT_MAX_FILE_BYTES = 8 << 20  # ingest hard cap; the size *filter* (1 MB) comes later
 
@@ -90,19 +83,9 @@ class IngestStats:
 
 
 def detect_license(repo_dir: Path) -> str:
-    """SPDX-like licence name from a LICENSE/COPYING file at the top of a repository."""
-    for name in LICENSE_FILES:
-        path = repo_dir / name
-        if path.is_file():
-            try:
-                head = path.read_text("utf-8", errors="replace")[:4000]
-            except OSError:
-                continue
-            for marker, spdx in LICENSE_MARKERS:
-                if marker.lower() in head.lower():
-                    return spdx
-            return "unknown"
-    return "unknown"
+    """SPDX expression of the LICENSE/COPYING file at the top of a repository, or ``unknown``
+    (``data_processing.licenses``)."""
+    return licenses.detect_repo_license(repo_dir)
 
 
 def _is_minified(name: str, language: str | None, data: bytes) -> bool:

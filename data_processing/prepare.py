@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from data_processing import filters, ingest, redact
+from data_processing import filters, ingest, licenses, redact
 from data_processing.atomic import write_json_atomic
 from data_processing.dedup import DedupParams, Workers, plan_dedup
 from data_processing.minhash import hash_bytes
@@ -89,6 +89,7 @@ def prepare(
     workers: int | None = None,
     progress: bool = True,
     redact_pii: bool = True,
+    license_policy: licenses.LicensePolicy | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline into ``out``; returns the report (also written to report.json)."""
     t0 = time.perf_counter()
@@ -117,6 +118,9 @@ def prepare(
             yield from ingest.iter_shards(shards, stats=istats, skip_bad=skip_bad, bad=bad)
 
     stream = ingest.capped(records(), max_files=max_files, max_bytes=max_bytes)
+    license_policy = license_policy or licenses.LicensePolicy()
+    lstats = licenses.LicenseStats()
+    stream = licenses.filter_records(stream, license_policy, lstats)
     if progress:
         stream = ingest.progress(stream, "ingest+filter")
     kept = filters.filter_records(stream, filter_config, fstats)
@@ -178,6 +182,7 @@ def prepare(
         },
         "ingest": istats.as_dict(),
         "bad_records": dict(bad.counts),
+        "licenses": lstats.as_dict(),
         "filters": fstats.as_dict(),
         "redact": rstats.as_dict() if redact_pii else {"enabled": False},
         "dedup": result.report,
@@ -208,11 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="processes for dedup (default: all cores)")
     p.add_argument("--threshold", type=float, default=0.85, help="near-duplicate Jaccard threshold")
     p.add_argument("--num-perm", type=int, default=128)
+    p.add_argument("--licenses", default="any", metavar="permissive|FILE|any",
+                   help="keep files whose repository license is in this SPDX list (default: any)")
+    p.add_argument("--keep-unknown-license", action="store_true",
+                   help="with a license list, also keep files whose license is unknown")
     p.add_argument("--no-redact", action="store_true",
                    help="keep e-mails, IP addresses, keys and passwords (redaction is on by default)")
     filters.add_config_args(p)
     args = p.parse_args(argv)
     try:
+        policy = licenses.LicensePolicy(licenses.read_license_list(args.licenses), args.keep_unknown_license,
+                                        args.licenses)
         report = prepare(
             args.out, sources=args.src, depth=args.depth, hf_data_files=args.hf_data_files,
             hf_dataset=args.hf_dataset, hf_allow_download=args.hf_allow_download,
@@ -221,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             dedup_params=DedupParams(threshold=args.threshold, num_perm=args.num_perm),
             validation_fraction=args.validation_fraction, seed=args.seed, max_files=args.max_files,
             max_bytes=args.max_bytes, shard_size_mb=args.shard_size_mb, workers=args.workers,
-            redact_pii=not args.no_redact,
+            redact_pii=not args.no_redact, license_policy=policy,
         )
     except ShardError as err:
         print(f"error: {err}", file=sys.stderr)
