@@ -90,6 +90,9 @@ def prepare(
     progress: bool = True,
     redact_pii: bool = True,
     license_policy: licenses.LicensePolicy | None = None,
+    hf_config: str | None = None,
+    hf_data_dir: str | None = None,
+    blobs: str | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline into ``out``; returns the report (also written to report.json)."""
     t0 = time.perf_counter()
@@ -113,7 +116,8 @@ def prepare(
             yield from ingest.iter_tree(src, depth=depth, stats=istats, root_repo=root_repo, license_name=lic)
         if hf_data_files or hf_dataset:
             yield from ingest.iter_hf(data_files=hf_data_files, dataset=hf_dataset,
-                                      allow_download=hf_allow_download, stats=istats)
+                                      allow_download=hf_allow_download, stats=istats,
+                                      config=hf_config, data_dir=hf_data_dir, blobs=blobs)
         if shards:
             yield from ingest.iter_shards(shards, stats=istats, skip_bad=skip_bad, bad=bad)
 
@@ -202,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-data-files", nargs="+", default=None, help="local parquet/json/csv files")
     p.add_argument("--hf-dataset", default=None, help="hub dataset name (needs --hf-allow-download)")
     p.add_argument("--hf-allow-download", action="store_true")
+    p.add_argument("--hf-config", default=None, help="dataset config (e.g. a language of The Stack v2)")
+    p.add_argument("--hf-data-dir", default=None, help="subfolder of the dataset (e.g. data/Python)")
+    p.add_argument("--blobs", default=None, help="local folder of The Stack v2 / Software Heritage blobs")
     p.add_argument("--shards", nargs="+", default=None,
                    help="existing shards (Code Clippy's or ours): folders, files or globs")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad records in --shards")
@@ -233,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             validation_fraction=args.validation_fraction, seed=args.seed, max_files=args.max_files,
             max_bytes=args.max_bytes, shard_size_mb=args.shard_size_mb, workers=args.workers,
             redact_pii=not args.no_redact, license_policy=policy,
+            hf_config=args.hf_config, hf_data_dir=args.hf_data_dir, blobs=args.blobs,
         )
     except ShardError as err:
         print(f"error: {err}", file=sys.stderr)
