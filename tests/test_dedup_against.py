@@ -108,3 +108,30 @@ def test_unreadable_against_is_one_line_exit_2(old_and_new, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing" in err[0]
     assert not out.exists()
+
+
+def _comparable(report):
+    """The report without the fields that describe the run rather than the result."""
+    out = {k: v for k, v in report.items() if k not in {"engine", "workers", "seconds", "mb_per_s", "spark"}}
+    out["near"] = {k: v for k, v in out["near"].items() if k != "peak_shingle_sets_in_memory"}
+    return out
+
+
+@pytest.mark.spark
+def test_spark_engine_keeps_and_writes_what_local_does(spark, old_and_new, tmp_path):
+    """--engine spark --against: the same kept records, output shards and report as the local engine."""
+    from data_processing.dedup import spark as dedup_spark
+
+    old, new = old_and_new
+    assert dedup.main(["--input", str(new), "--against", str(old), "--output", str(tmp_path / "local"),
+                       "--workers", "1", "--quiet"]) == 0
+    plan = dedup_spark.plan_spark(spark, str(new), progress=False, against=str(old))
+    dedup_spark.write_spark(plan, str(tmp_path / "spark"), progress=False)
+    local_report = json.loads((tmp_path / "local" / "dedup_report.json").read_text())
+    spark_report = json.loads((tmp_path / "spark" / "dedup_report.json").read_text())
+    assert spark_report["against"] == local_report["against"] and spark_report["against"]["kept"]["files"] == 3
+    assert _comparable(spark_report) == _comparable(local_report)
+    shards = sorted(p.name for p in (tmp_path / "local").glob("*.jsonl.zst"))
+    assert shards == sorted(p.name for p in (tmp_path / "spark").glob("*.jsonl.zst"))
+    for name in shards:
+        assert list(iter_dir_records(tmp_path / "spark" / name)) == list(iter_dir_records(tmp_path / "local" / name))

@@ -83,7 +83,7 @@ def _main_spark(args: argparse.Namespace, params: DedupParams) -> int:
         from data_processing.dedup import spark
 
         report = spark.run(args.input, args.output, params, master=args.master, conf=conf,
-                                 skip_bad=args.skip_bad, progress=not args.quiet)
+                                 skip_bad=args.skip_bad, progress=not args.quiet, against=args.against)
     except (ShardError, SparkUnavailableError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
