@@ -6,9 +6,11 @@ List's texts and templates; it reports nothing rather than guess when the text i
 license). Several licenses in one file (a dual-licensed project, bundled notices) become an SPDX
 ``AND`` expression in their order of appearance.
 
-Filtering (``prepare --licenses permissive|FILE|any``) reads ``meta.license``: an SPDX id, an
-SPDX expression (``MIT OR Apache-2.0``, ``MIT AND BSD-3-Clause``), a comma-separated list as The
-Stack's ``max_stars_repo_licenses`` / ``detected_licenses`` give it (every listed license
+    python -m data_processing.licenses --input SHARDS --output DIR --licenses permissive [--keep-unknown-license]
+
+Filtering (``prepare --licenses permissive|FILE|any``, or the command above on shards) reads
+``meta.license``: an SPDX id, an SPDX expression (``MIT OR Apache-2.0``, ``MIT AND BSD-3-Clause``),
+a comma-separated list as The Stack's ``max_stars_repo_licenses`` / ``detected_licenses`` give it (every listed license
 applies, like ``AND``), or ``unknown``. A record is kept when every ``AND`` part has at least one
 allowed ``OR`` alternative; ids compare case-insensitively (Code Clippy wrote GitHub's lowercase
 keys, ``mit``, ``apache-2.0``). Unknown licenses are dropped under a list unless
@@ -18,13 +20,17 @@ permissive set did not).
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_processing.shards import ShardError
+from data_processing.atomic import write_json_atomic
+from data_processing.shards import ShardError, ShardSetWriter, iter_dir_records
 
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENSE.rst", "COPYING", "COPYING.txt", "COPYING.md",
                  "LICENCE", "LICENCE.txt", "LICENCE.md")
@@ -174,3 +180,32 @@ def filter_records(records: Iterable[dict[str, Any]], policy: LicensePolicy,
         stats.add(str(value or UNKNOWN), decision, int(meta.get("size") or len(record["text"].encode("utf-8"))))
         if decision.startswith("kept"):
             yield record
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="folder, file or glob of input shards")
+    p.add_argument("--output", required=True, help="folder for licensed-NNNNN.jsonl.zst and license_report.json")
+    p.add_argument("--licenses", required=True, metavar="permissive|FILE|any", help="allowed SPDX ids")
+    p.add_argument("--keep-unknown-license", action="store_true", help="also keep files of unknown license")
+    p.add_argument("--shard-size-mb", type=float, default=64.0)
+    p.add_argument("--skip-bad", action="store_true", help="count and skip bad records instead of stopping")
+    args = p.parse_args(argv)
+    stats = LicenseStats()
+    try:
+        policy = LicensePolicy(read_license_list(args.licenses), args.keep_unknown_license, args.licenses)
+        records = iter_dir_records(args.input, skip_bad=args.skip_bad)
+        with ShardSetWriter(args.output, "licensed", max_bytes=int(args.shard_size_mb * (1 << 20))) as writer:
+            for record in filter_records(records, policy, stats):
+                writer.write(record)
+    except ShardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = stats.as_dict()
+    write_json_atomic(Path(args.output) / "license_report.json", report)
+    print(json.dumps({"files": writer.count, "by_decision": {k: v["files"] for k, v in report["by_decision"].items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

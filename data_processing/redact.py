@@ -52,6 +52,7 @@ from detect_secrets.plugins.square_oauth import SquareOAuthDetector
 from detect_secrets.plugins.stripe import StripeDetector
 from detect_secrets.plugins.twilio import TwilioKeyDetector
 
+from data_processing import ingest
 from data_processing.atomic import write_json_atomic
 from data_processing.shards import ShardError, ShardSetWriter, iter_dir_records
 
@@ -422,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     stats = RedactStats()
     try:
         with ShardSetWriter(args.output, "redact", max_bytes=int(args.shard_size_mb * (1 << 20))) as writer:
-            for record in redact_records(iter_dir_records(args.input, skip_bad=args.skip_bad), stats):
+            records = ingest.progress(iter_dir_records(args.input, skip_bad=args.skip_bad), "redact")
+            for record in redact_records(records, stats):
                 writer.write(record)
     except ShardError as err:
         print(f"error: {err}", file=sys.stderr)

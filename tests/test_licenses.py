@@ -170,3 +170,21 @@ def test_prepare_unknown_list_is_one_line_exit_2(three_repos, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "copyleft" in err[0] and err[0].startswith("error:")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_on_shards(tmp_path, capsys):
+    """``python -m data_processing.licenses`` on shards: meta.license decides; report written."""
+    from data_processing.shards import write_shard
+
+    def rec(name, lic):
+        return {"text": f"# {name}\n", "meta": {"repo_name": name, "file_name": "a.py", "license": lic}}
+
+    write_shard(tmp_path / "in" / "a.jsonl", [rec("a", "mit"), rec("b", "GPL-3.0"), rec("c", "unknown"),
+                                              rec("d", ["MIT", "Apache-2.0"])])
+    assert licenses.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                          "--licenses", "permissive", "--keep-unknown-license"]) == 0
+    assert [r["meta"]["repo_name"] for r in iter_dir_records(tmp_path / "out")] == ["a", "c", "d"]
+    report = json.loads((tmp_path / "out" / "license_report.json").read_text())
+    assert report["by_license"]["MIT,Apache-2.0"]["decision"] == "kept"
+    assert json.loads(capsys.readouterr().out)["by_decision"] == {"kept": 2, "kept_unknown": 1,
+                                                                  "dropped_not_allowed": 1}
