@@ -283,7 +283,8 @@ def iter_hf(
         if not text.strip():
             stats.skip("empty")
             continue
-        path = str(_pick(row, _HF_PATH, f"row-{i}"))
+        # The Stack v2 writes paths from the repository root ("/src/a.py"); file_name is relative.
+        path = str(_pick(row, _HF_PATH, f"row-{i}")).lstrip("/")
         lic = _pick(row, _HF_LICENSE, "unknown")
         if isinstance(lic, list):
             lic = ",".join(map(str, lic)) or "unknown"

@@ -60,7 +60,7 @@ def test_rows_read_from_blobs_in_every_layout(tmp_path):
     assert [r["text"] for r in records[:3]] == [t.decode() for t in texts.values()]
     assert records[3]["text"] == "# caf\xe9\nprint('ol\xe9')\n"
     meta = records[0]["meta"]
-    assert meta["repo_name"] == "python/cpython" and meta["file_name"] == "/json/decoder.py"
+    assert meta["repo_name"] == "python/cpython" and meta["file_name"] == "json/decoder.py"
     assert meta["language"] == "Python" and meta["license"] == "PSF-2.0" and meta["blob_id"] == rows[0]["blob_id"]
     assert records[3]["meta"]["license"] == "GPL-3.0-only"
     assert stats.files_seen == 5 and stats.files_kept == 4 and stats.skipped["vendored"]["files"] == 1
@@ -88,7 +88,7 @@ def test_prepare_stack_v2_with_licenses_and_bad_blob(tmp_path, capsys):
     assert prepare.main(["--hf-data-files", data, "--blobs", str(blobs), "--out", str(out), "--workers", "1",
                          "--licenses", "permissive", "--validation-fraction", "0"]) == 0
     kept = {r["meta"]["file_name"] for r in iter_dir_records(out / "train")}
-    assert kept == {f"/json/{n}" for n in texts}
+    assert kept == {f"json/{n}" for n in texts}
     report = json.loads((out / "report.json").read_text())
     assert report["licenses"]["by_license"]["GPL-3.0-only"]["decision"] == "dropped_not_allowed"
     assert report["ingest"]["skipped"]["vendored"]["files"] == 1
