@@ -27,6 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from data_processing import licenses, stack_v2
 from data_processing.languages import detect_language
 from data_processing.shards import BadRecordCounter, ShardError, ShardSetWriter, iter_dir_records
 
@@ -41,14 +42,6 @@ LOCK_FILES = frozenset({
     "package-lock.json", "yarn.lock", "pnpm-lock.yaml", "Cargo.lock", "poetry.lock", "Pipfile.lock",
     "composer.lock", "Gemfile.lock", "go.sum", "mix.lock", "Podfile.lock", "uv.lock", "flake.lock",
 })
-LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "COPYING", "COPYING.txt", "LICENCE")
-# First match wins; order matters (LGPL before GPL).
-LICENSE_MARKERS = (
-    ("Apache License", "Apache-2.0"), ("MIT License", "MIT"), ("Permission is hereby granted, free", "MIT"),
-    ("GNU LESSER GENERAL PUBLIC", "LGPL"), ("GNU AFFERO", "AGPL"), ("GNU GENERAL PUBLIC", "GPL"),
-    ("Mozilla Public License", "MPL-2.0"), ("Redistribution and use in source and binary", "BSD"),
-    ("PYTHON SOFTWARE FOUNDATION", "PSF-2.0"), ("The Unlicense", "Unlicense"),
-)
 BINARY_PROBE_BYTES = 8192
 DEFAULT_MAX_FILE_BYTES = 8 << 20  # ingest hard cap; the size *filter* (1 MB) comes later
 
@@ -90,19 +83,9 @@ class IngestStats:
 
 
 def detect_license(repo_dir: Path) -> str:
-    """SPDX-like licence name from a LICENSE/COPYING file at the top of a repository."""
-    for name in LICENSE_FILES:
-        path = repo_dir / name
-        if path.is_file():
-            try:
-                head = path.read_text("utf-8", errors="replace")[:4000]
-            except OSError:
-                continue
-            for marker, spdx in LICENSE_MARKERS:
-                if marker.lower() in head.lower():
-                    return spdx
-            return "unknown"
-    return "unknown"
+    """SPDX expression of the LICENSE/COPYING file at the top of a repository, or ``unknown``
+    (``data_processing.licenses``)."""
+    return licenses.detect_repo_license(repo_dir)
 
 
 def _is_minified(name: str, language: str | None, data: bytes) -> bool:
@@ -221,7 +204,7 @@ _HF_TEXT = ("content", "text", "code")
 _HF_REPO = ("max_stars_repo_name", "repo_name", "repository_name", "repo")
 _HF_PATH = ("max_stars_repo_path", "path", "file_name", "filepath")
 _HF_LANG = ("lang", "language")
-_HF_LICENSE = ("max_stars_repo_licenses", "license", "licenses")
+_HF_LICENSE = ("max_stars_repo_licenses", "detected_licenses", "license", "licenses")
 
 
 def _pick(row: dict[str, Any], names: tuple[str, ...], default: Any = None) -> Any:
@@ -247,11 +230,19 @@ def iter_hf(
     split: str = "train",
     stats: IngestStats | None = None,
     limit: int | None = None,
+    config: str | None = None,
+    data_dir: str | None = None,
+    blobs: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield records from a Hugging Face ``datasets`` source: local parquet/json/csv files, or a
-    hub dataset (The Stack, ...) only when ``allow_download`` is set, so nothing is fetched by
-    accident. Column names of The Stack and Code Clippy are recognised."""
+    """Yield records from a Hugging Face ``datasets`` source: local parquet/json/csv files, a
+    local snapshot folder of a hub dataset (``config``/``data_dir`` pick one subset, e.g. one
+    language), or a hub dataset (The Stack, ...) only when ``allow_download`` is set, so nothing
+    is fetched by accident. Column names of The Stack and Code Clippy are recognised; rows of The
+    Stack v2 (``blob_id``, no contents) are read from the local blob folder ``blobs``
+    (``data_processing.stack_v2``)."""
     stats = stats if stats is not None else IngestStats()
+    if dataset and not data_files and Path(dataset).is_dir():
+        data_files = stack_v2.local_dataset_files(dataset, config, data_dir)
     if data_files:
         ext = data_files[0].split(".")[-1].lower()
         builder = {"parquet": "parquet", "json": "json", "jsonl": "json", "csv": "csv"}.get(ext)
@@ -274,7 +265,7 @@ def iter_hf(
             raise ShardError(f"{dataset}: reading a hub dataset needs --hf-allow-download")
         import datasets
 
-        ds = datasets.load_dataset(dataset, split=split, streaming=True)
+        ds = datasets.load_dataset(dataset, config, data_dir=data_dir, split=split, streaming=True)
         origin = dataset
     else:
         raise ValueError("give data_files or dataset")
@@ -283,12 +274,17 @@ def iter_hf(
             break
         stats.files_seen += 1
         text = _pick(row, _HF_TEXT)
+        if text is None and row.get("blob_id") is not None:
+            text = _stack_v2_text(row, blobs, stats, f"{origin}:{i + 1}")
+            if text is None:
+                continue
         if not isinstance(text, str):
             raise ShardError(f"{origin}:{i + 1}: row has no text column (expected one of {_HF_TEXT})")
         if not text.strip():
             stats.skip("empty")
             continue
-        path = str(_pick(row, _HF_PATH, f"row-{i}"))
+        # The Stack v2 writes paths from the repository root ("/src/a.py"); file_name is relative.
+        path = str(_pick(row, _HF_PATH, f"row-{i}")).lstrip("/")
         lic = _pick(row, _HF_LICENSE, "unknown")
         if isinstance(lic, list):
             lic = ",".join(map(str, lic)) or "unknown"
@@ -303,8 +299,28 @@ def iter_hf(
                 "source": origin,
             },
         }
+        if row.get("blob_id") is not None:
+            record["meta"]["blob_id"] = str(row["blob_id"])
         stats.keep(record)
         yield record
+
+
+def _stack_v2_text(row: dict[str, Any], blobs: str | None, stats: IngestStats, where: str) -> str | None:
+    """Contents of a The Stack v2 row from the blob folder, or None when skipped (counted as
+    ``vendored``/``generated`` by the dataset's own flags, ``binary`` or ``undecodable``)."""
+    if blobs is None:
+        raise ShardError(f"{where}: row has a blob_id but no contents; give the blob folder with --blobs DIR")
+    if row.get("is_vendor") or row.get("is_generated"):
+        stats.skip("vendored" if row.get("is_vendor") else "generated")
+        return None
+    data = stack_v2.read_blob_bytes(blobs, str(row["blob_id"]), where)
+    if b"\x00" in data[:BINARY_PROBE_BYTES]:
+        stats.skip("binary", len(data))
+        return None
+    text = stack_v2.decode_blob(data, row.get("src_encoding"))
+    if text is None:
+        stats.skip("undecodable", len(data))
+    return text
 
 
 def iter_shards(
@@ -373,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-dataset", default=None, help="hub dataset name (needs --hf-allow-download)")
     parser.add_argument("--hf-allow-download", action="store_true")
     parser.add_argument("--hf-split", default="train")
+    parser.add_argument("--hf-config", default=None, help="dataset config (e.g. a language of The Stack v2)")
+    parser.add_argument("--hf-data-dir", default=None, help="subfolder of the dataset (e.g. data/Python)")
+    parser.add_argument("--blobs", default=None, help="local folder of The Stack v2 / Software Heritage blobs")
     parser.add_argument("--max-files", type=int, default=None)
     parser.add_argument("--max-bytes", type=int, default=None)
     parser.add_argument("--shard-size-mb", type=float, default=64.0)
@@ -386,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                 yield from iter_tree(src, depth=args.depth, stats=stats, license_name=args.license)
             if args.hf_data_files or args.hf_dataset:
                 yield from iter_hf(data_files=args.hf_data_files, dataset=args.hf_dataset,
-                                   allow_download=args.hf_allow_download, split=args.hf_split, stats=stats)
+                                   allow_download=args.hf_allow_download, split=args.hf_split, stats=stats,
+                                   config=args.hf_config, data_dir=args.hf_data_dir, blobs=args.blobs)
 
         stream = progress(capped(records(), max_files=args.max_files, max_bytes=args.max_bytes), "ingest")
         with ShardSetWriter(args.out, "ingest", max_bytes=int(args.shard_size_mb * (1 << 20))) as writer:

@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from data_processing import filters, ingest
+from data_processing import filters, ingest, licenses, redact
 from data_processing.atomic import write_json_atomic
 from data_processing.dedup import DedupParams, Workers, plan_dedup
 from data_processing.minhash import hash_bytes
@@ -88,6 +88,11 @@ def prepare(
     shard_size_mb: float = 64.0,
     workers: int | None = None,
     progress: bool = True,
+    redact_pii: bool = True,
+    license_policy: licenses.LicensePolicy | None = None,
+    hf_config: str | None = None,
+    hf_data_dir: str | None = None,
+    blobs: str | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline into ``out``; returns the report (also written to report.json)."""
     t0 = time.perf_counter()
@@ -111,15 +116,23 @@ def prepare(
             yield from ingest.iter_tree(src, depth=depth, stats=istats, root_repo=root_repo, license_name=lic)
         if hf_data_files or hf_dataset:
             yield from ingest.iter_hf(data_files=hf_data_files, dataset=hf_dataset,
-                                      allow_download=hf_allow_download, stats=istats)
+                                      allow_download=hf_allow_download, stats=istats,
+                                      config=hf_config, data_dir=hf_data_dir, blobs=blobs)
         if shards:
             yield from ingest.iter_shards(shards, stats=istats, skip_bad=skip_bad, bad=bad)
 
     stream = ingest.capped(records(), max_files=max_files, max_bytes=max_bytes)
+    license_policy = license_policy or licenses.LicensePolicy()
+    lstats = licenses.LicenseStats()
+    stream = licenses.filter_records(stream, license_policy, lstats)
     if progress:
         stream = ingest.progress(stream, "ingest+filter")
+    kept = filters.filter_records(stream, filter_config, fstats)
+    rstats = redact.RedactStats()
+    if redact_pii:  # after the filters (nothing is redacted that is dropped), before dedup
+        kept = redact.redact_records(kept, rstats)
     with ShardSetWriter(work / "filtered", "filtered", max_bytes=shard_bytes) as writer:
-        for record in filters.filter_records(stream, filter_config, fstats):
+        for record in kept:
             writer.write(record)
     paths = writer.paths
     t1 = time.perf_counter()
@@ -169,11 +182,13 @@ def prepare(
         "params": {
             "depth": depth, "validation_fraction": validation_fraction, "seed": seed,
             "max_files": max_files, "max_bytes": max_bytes, "shard_size_mb": shard_size_mb,
-            "filters": asdict(filter_config), "dedup": asdict(dedup_params),
+            "filters": asdict(filter_config), "dedup": asdict(dedup_params), "redact": redact_pii,
         },
         "ingest": istats.as_dict(),
         "bad_records": dict(bad.counts),
+        "licenses": lstats.as_dict(),
         "filters": fstats.as_dict(),
+        "redact": rstats.as_dict() if redact_pii else {"enabled": False},
         "dedup": result.report,
         "split": split,
         "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1]["train"]["bytes"])),
@@ -191,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-data-files", nargs="+", default=None, help="local parquet/json/csv files")
     p.add_argument("--hf-dataset", default=None, help="hub dataset name (needs --hf-allow-download)")
     p.add_argument("--hf-allow-download", action="store_true")
+    p.add_argument("--hf-config", default=None, help="dataset config (e.g. a language of The Stack v2)")
+    p.add_argument("--hf-data-dir", default=None, help="subfolder of the dataset (e.g. data/Python)")
+    p.add_argument("--blobs", default=None, help="local folder of The Stack v2 / Software Heritage blobs")
     p.add_argument("--shards", nargs="+", default=None,
                    help="existing shards (Code Clippy's or ours): folders, files or globs")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad records in --shards")
@@ -202,9 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="processes for dedup (default: all cores)")
     p.add_argument("--threshold", type=float, default=0.85, help="near-duplicate Jaccard threshold")
     p.add_argument("--num-perm", type=int, default=128)
+    p.add_argument("--licenses", default="any", metavar="permissive|FILE|any",
+                   help="keep files whose repository license is in this SPDX list (default: any)")
+    p.add_argument("--keep-unknown-license", action="store_true",
+                   help="with a license list, also keep files whose license is unknown")
+    p.add_argument("--no-redact", action="store_true",
+                   help="keep e-mails, IP addresses, keys and passwords (redaction is on by default)")
     filters.add_config_args(p)
     args = p.parse_args(argv)
     try:
+        policy = licenses.LicensePolicy(licenses.read_license_list(args.licenses), args.keep_unknown_license,
+                                        args.licenses)
         report = prepare(
             args.out, sources=args.src, depth=args.depth, hf_data_files=args.hf_data_files,
             hf_dataset=args.hf_dataset, hf_allow_download=args.hf_allow_download,
@@ -213,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             dedup_params=DedupParams(threshold=args.threshold, num_perm=args.num_perm),
             validation_fraction=args.validation_fraction, seed=args.seed, max_files=args.max_files,
             max_bytes=args.max_bytes, shard_size_mb=args.shard_size_mb, workers=args.workers,
+            redact_pii=not args.no_redact, license_policy=policy,
+            hf_config=args.hf_config, hf_data_dir=args.hf_data_dir, blobs=args.blobs,
         )
     except ShardError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -12,6 +12,7 @@ from data_processing import ingest
 from data_processing.ingest import IngestStats, iter_hf, iter_tree
 from data_processing.languages import LANGUAGES, detect_language
 from data_processing.shards import ShardError, iter_dir_records
+from tests.test_licenses import MIT
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -38,7 +39,7 @@ def tree(tmp_path):
     no_cache = shutil.ignore_patterns("__pycache__")
     shutil.copytree(STDLIB / "json", root / "jsonrepo", ignore=no_cache)
     shutil.copytree(STDLIB / "wsgiref", root / "wsgirepo" / "pkg", ignore=no_cache)
-    (root / "wsgirepo" / "LICENSE").write_text("MIT License\n\nPermission is hereby granted, free of charge")
+    (root / "wsgirepo" / "LICENSE").write_text(MIT)
     shutil.copy(STDLIB / "bisect.py", root / "toplevel.py")
     other = root / "mixed"
     other.mkdir()

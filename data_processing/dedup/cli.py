@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="folder (or glob) of input shards; a Hadoop URI with --engine spark")
     p.add_argument("--output", required=True, help="output folder; a Hadoop URI with --engine spark")
+    p.add_argument("--against", default=None,
+                   help="existing dedup output (folder or glob): keep only input records that duplicate none of it")
     p.add_argument("--engine", choices=("local", "spark"), default="local",
                    help="local: a process pool on this machine (default); spark: Spark jobs (dedup/spark.py)")
     p.add_argument("--master", default=None,
@@ -56,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         paths = list_shards(args.input)
+        against = list_shards(args.against) if args.against else []
         with Workers(args.workers) as pool:
-            result = plan_dedup(paths, params, skip_bad=args.skip_bad, pool=pool, progress=not args.quiet)
+            result = plan_dedup(paths, params, skip_bad=args.skip_bad, pool=pool, progress=not args.quiet,
+                                against=against)
             write_kept(result, args.output, skip_bad=args.skip_bad, pool=pool)
     except ShardError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -79,7 +83,7 @@ def _main_spark(args: argparse.Namespace, params: DedupParams) -> int:
         from data_processing.dedup import spark
 
         report = spark.run(args.input, args.output, params, master=args.master, conf=conf,
-                                 skip_bad=args.skip_bad, progress=not args.quiet)
+                                 skip_bad=args.skip_bad, progress=not args.quiet, against=args.against)
     except (ShardError, SparkUnavailableError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

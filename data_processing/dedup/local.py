@@ -33,6 +33,7 @@ class DedupResult:
     sizes: np.ndarray  # UTF-8 bytes of each record's text
     cluster: np.ndarray  # global index of the survivor standing for each record (itself if kept)
     report: dict[str, Any] = field(default_factory=dict)
+    against_shards: int = 0  # leading entries of ``paths`` that are the existing corpus (never written)
 
     def kept_indices(self, shard: int) -> np.ndarray:
         """Indices, within shard number ``shard``, of its kept records."""
@@ -225,17 +226,23 @@ def plan_dedup(
     bad: BadRecordCounter | None = None,
     pool: Workers | None = None,
     progress: bool = True,
+    against: Sequence[str] = (),
 ) -> DedupResult:
-    """Run stages 1-5 over ``paths`` and decide which records survive (nothing is written)."""
+    """Run stages 1-5 over ``paths`` and decide which records survive (nothing is written).
+
+    ``against``: shards of an existing (deduplicated) corpus. They go through the same stages
+    ahead of ``paths`` and outrank every new record, so a new record survives only when it is
+    neither an exact nor a near duplicate of an old one (nor of a surviving new one)."""
     params = (params or DedupParams()).resolved()
-    paths = list(paths)
+    against = list(against)
+    paths = against + list(paths)
     bad = bad if bad is not None else BadRecordCounter()
     own_pool = pool is None
     pool = pool or Workers(workers)
     t = [time.perf_counter()]
     try:
         signed = _sign(paths, params, pool, skip_bad, bad, progress)
-        rank = survivor_ranks(signed.keys)
+        rank = survivor_ranks(signed.keys, sum(signed.shard_counts[:len(against)]))
         t.append(time.perf_counter())
         # Stage 2: shuffle by exact hash; the lowest-ranked record of each group survives.
         exact_keep, exact_rep, group_sizes = exact_stage(signed.exact_h, rank)
@@ -261,8 +268,33 @@ def plan_dedup(
                                                                          "clusters"))}
     report["seconds"]["total"] = elapsed
     report["mb_per_s"] = report["input"]["bytes"] / 1e6 / max(elapsed, 1e-9)
-    return DedupResult(keep=near_keep, shard_counts=signed.shard_counts, paths=paths, keys=signed.keys,
-                       sizes=signed.sizes, cluster=cluster, report=report)
+    result = DedupResult(keep=near_keep, shard_counts=signed.shard_counts, paths=paths, keys=signed.keys,
+                         sizes=signed.sizes, cluster=cluster, report=report, against_shards=len(against))
+    if against:
+        report["against"] = against_report(result)
+        report["output"] = report["against"]["kept"]
+    return result
+
+
+def against_report(result: DedupResult) -> dict[str, Any]:
+    """``report["against"]``: the existing corpus's size, and what became of the new records: kept,
+    removed as duplicates of the existing corpus (their survivor is an old record), or removed as
+    duplicates of each other."""
+    n_old = sum(result.shard_counts[:result.against_shards])
+    index = np.arange(result.keep.size)
+    new = index >= n_old
+
+    def count(mask: np.ndarray) -> dict[str, int]:
+        return {"files": int(mask.sum()), "bytes": int(result.sizes[mask].sum())}
+
+    return {
+        "shards": result.against_shards,
+        **count(~new),
+        "new": count(new),
+        "kept": count(new & result.keep),
+        "removed_duplicate_of_against": count(new & ~result.keep & (result.cluster < n_old)),
+        "removed_within_input": count(new & ~result.keep & (result.cluster >= n_old)),
+    }
 
 
 def _report(signed: _Signed, params: DedupParams, bad: BadRecordCounter, rank, roots, exact_keep, near_keep,
@@ -296,11 +328,13 @@ def _filter_shard(src: str, dst: str, kept: list[int], skip_bad: bool) -> tuple[
 def write_kept(result: DedupResult, out_dir: str | os.PathLike, *, skip_bad: bool = False,
                pool: Workers | None = None) -> list[str]:
     """Stage 6: write kept records of input shard ``i`` to ``out_dir/dedup-{i:05d}.jsonl.zst``
-    (one map task per shard), and delete stale ``dedup-*`` shards of an earlier run."""
+    (one map task per shard; ``--against`` shards are not inputs and are not written), and delete
+    stale ``dedup-*`` shards of an earlier run."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [(src, str(out / f"dedup-{s:05d}.jsonl.zst"), result.kept_indices(s).tolist(), skip_bad)
-             for s, src in enumerate(result.paths)]
+    skip = result.against_shards  # the existing corpus is read, never rewritten
+    tasks = [(src, str(out / f"dedup-{s - skip:05d}.jsonl.zst"), result.kept_indices(s).tolist(), skip_bad)
+             for s, src in enumerate(result.paths) if s >= skip]
     own = pool is None
     pool = pool or Workers(1)
     try:

@@ -234,6 +234,7 @@ class SparkPlan:
     files: Any  # DataFrame: shard, name, content (one row per input shard, read lazily)
     shards: list[str]
     report: dict[str, Any] = field(default_factory=dict)
+    against_shards: int = 0  # leading entries of ``shards`` that are the existing corpus (never written)
 
     def clusters(self):
         """DataFrame ``(shard, idx, cluster)``: the rank of the survivor standing for each record."""
@@ -303,9 +304,10 @@ def _persist(df):
     return df.persist(StorageLevel.MEMORY_AND_DISK)
 
 
-def _signatures(spark, files, params: DedupParams, skip_bad: bool):
+def _signatures(spark, files, params: DedupParams, skip_bad: bool, n_against: int = 0):
     """Stage 1: signatures, then the survivor order as a number (the rank), each record's exact
-    group survivor (``rep``) and group size. Returns ``(nodes, bad_counts)``."""
+    group survivor (``rep``) and group size; the first ``n_against`` shards (``--against``) rank
+    before every other. Returns ``(nodes, bad_counts)``."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -319,7 +321,8 @@ def _signatures(spark, files, params: DedupParams, skip_bad: bool):
         raise ShardError(fatal[0][1])
     bad_counts = {r.error: int(r.n) for r in errors if not r.fatal}
     ranked = (signed.where(F.col("error").isNull()).drop("error", "fatal")
-              .orderBy("repo", "file", "shard", "idx")
+              # --against shards first: an old record always outranks a new one.
+              .orderBy(F.col("shard") >= n_against, "repo", "file", "shard", "idx")
               # After a global sort the ids grow with the sort order (partition index in the high bits).
               .withColumn("rank", F.monotonically_increasing_id()))
     w_exact = Window.partitionBy("exact")
@@ -409,12 +412,17 @@ def plan_spark(
     *,
     skip_bad: bool = False,
     progress: bool = True,
+    against: str | None = None,
 ) -> SparkPlan:
-    """Run stages 1-5 on Spark and decide which records survive (nothing is written)."""
+    """Run stages 1-5 on Spark and decide which records survive (nothing is written).
+    ``against``: an existing corpus, ranked before every input record (as the local engine does)."""
     params = (params or DedupParams()).resolved()
     seconds: dict[str, float] = {}
     t = time.perf_counter()
+    old_names, old_uris = list_input(spark, against) if against else ([], [])
     names, uris = list_input(spark, source)
+    n_against = len(old_names)
+    names, uris = old_names + names, old_uris + uris
     files = _files_frame(spark, names, uris)
     seconds["list"] = time.perf_counter() - t
     _log(progress, f"{len(names)} shards listed in {seconds['list']:.1f} s")
@@ -425,7 +433,7 @@ def plan_spark(
         seconds[stage] = time.perf_counter() - start
         return out
 
-    nodes, bad_counts = timed("signatures", _signatures, spark, files, params, skip_bad)
+    nodes, bad_counts = timed("signatures", _signatures, spark, files, params, skip_bad, n_against)
     _log(progress, f"signatures: {seconds['signatures']:.1f} s")
     ex = timed("exact", _exact_figures, nodes)
     pairs, n_pairs = timed("lsh", lambda: _counted(_candidate_pairs(nodes)))
@@ -445,7 +453,32 @@ def plan_spark(
                          "total": elapsed}
     report["mb_per_s"] = report["input"]["bytes"] / 1e6 / max(elapsed, 1e-9)
     report["spark"] = {**spark_info(spark), "stage_seconds": seconds, "cc_rounds": rounds}
-    return SparkPlan(records=records, files=files, shards=names, report=report)
+    plan = SparkPlan(records=records, files=files, shards=names, report=report, against_shards=n_against)
+    if n_against:
+        report["against"] = _against_report(plan)
+        report["output"] = report["against"]["kept"]
+    return plan
+
+
+def _against_report(plan: SparkPlan) -> dict[str, Any]:
+    """The local engine's ``report["against"]`` from one aggregate: where every new record went."""
+    from pyspark.sql import functions as F
+
+    n = plan.against_shards
+    survivors = plan.records.select(F.col("rank").alias("cluster"), (F.col("shard") < n).alias("old_survivor"))
+    rows = (plan.records.select("shard", "idx", "size", "keep").join(plan.clusters(), ["shard", "idx"])
+            .join(survivors, "cluster"))
+    new, keep, old_survivor = F.col("shard") >= n, F.col("keep"), F.col("old_survivor")
+    masks = {"old": ~new, "new": new, "kept": new & keep, "removed_duplicate_of_against": new & ~keep & old_survivor,
+             "removed_within_input": new & ~keep & ~old_survivor}
+    aggs = [F.sum(F.when(m, v).otherwise(0)).alias(f"{k}_{u}") for k, m in masks.items()
+            for u, v in (("files", F.lit(1)), ("bytes", F.col("size")))]
+    r = rows.agg(*aggs).first()
+
+    def count(k: str) -> dict[str, int]:
+        return {"files": int(r[f"{k}_files"] or 0), "bytes": int(r[f"{k}_bytes"] or 0)}
+
+    return {"shards": n, **count("old"), **{k: count(k) for k in masks if k != "old"}}
 
 
 def _name(repo: bytes, file: bytes) -> str:
@@ -530,7 +563,8 @@ def write_spark(plan: SparkPlan, output: str, *, progress: bool = True, started:
         fs.set_write_checksum(tmp, False)
         drop = (plan.records.where(~F.col("keep")).groupBy("shard")
                 .agg(F.collect_list("idx").alias("drop")))
-        rows = (plan.files.join(drop, "shard", "left")
+        # The --against shards are read for the plan, never written.
+        rows = (plan.files.where(F.col("shard") >= plan.against_shards).join(drop, "shard", "left")
                 .mapInArrow(partial(_write_files, fail_on_shard=fail_on_shard), "shard int, value binary")
                 .select("shard", F.col("value").cast("string").alias("value")))
         rows.write.partitionBy("shard").option("lineSep", ZSTD_SKIPPABLE_SEPARATOR).text(tmp)
@@ -542,13 +576,14 @@ def write_spark(plan: SparkPlan, output: str, *, progress: bool = True, started:
                 parts = [p for p, d in fs.list(path) if not d and p.rpartition("/")[2].startswith("part-")]
                 if len(parts) != 1:
                     raise RuntimeError(f"{path}: expected one part file, found {len(parts)}")
-                target = f"{tmp}/{SHARD_PREFIX}{shard:05d}{SHARD_SUFFIX}"
+                target = f"{tmp}/{SHARD_PREFIX}{shard - plan.against_shards:05d}{SHARD_SUFFIX}"
                 fs.rename(parts[0], target)
                 written.append(target.rpartition("/")[2])
             if not base.startswith(SHARD_PREFIX):  # the emptied shard=N folders, _SUCCESS, checksums
                 fs.delete(path)
-        if len(written) != len(plan.shards):
-            raise RuntimeError(f"{tmp}: wrote {len(written)} shards for {len(plan.shards)} inputs")
+        inputs = len(plan.shards) - plan.against_shards
+        if len(written) != inputs:
+            raise RuntimeError(f"{tmp}: wrote {len(written)} shards for {inputs} inputs")
         seconds = time.perf_counter() - t
         plan.report["spark"]["stage_seconds"]["write"] = seconds
         if started is not None:
@@ -586,7 +621,8 @@ def _publish(fs: HadoopFS, tmp: str, output: str, written: list[str]) -> None:
 
 
 def run(source: str, output: str, params: DedupParams, *, master: str | None = None,
-        conf: dict[str, str] | None = None, skip_bad: bool = False, progress: bool = True) -> dict[str, Any]:
+        conf: dict[str, str] | None = None, skip_bad: bool = False, progress: bool = True,
+        against: str | None = None) -> dict[str, Any]:
     """The CLI's ``--engine spark``: plan, write, report. Returns the report."""
     from data_processing.dedup.spark_util import get_session
 
@@ -597,7 +633,7 @@ def run(source: str, output: str, params: DedupParams, *, master: str | None = N
     _log(progress, f"Spark {spark.version} on {spark.sparkContext.master} started in {startup:.1f} s")
     output = output if _is_uri(output) else os.path.abspath(output)
     HadoopFS(spark).parent_and_name(output)  # a bad --output fails now, not after the whole plan
-    plan = plan_spark(spark, source, params, skip_bad=skip_bad, progress=progress)
+    plan = plan_spark(spark, source, params, skip_bad=skip_bad, progress=progress, against=against)
     plan.report["spark"]["startup_seconds"] = startup
     write_spark(plan, output, progress=progress, started=t0)
     return plan.report

@@ -8,9 +8,11 @@ import numpy as np
 from data_processing import minhash
 
 
-def survivor_ranks(keys: list[tuple[str, str, int, int]]) -> np.ndarray:
-    """Rank of every record under the survivor order (lowest rank survives)."""
-    order = sorted(range(len(keys)), key=keys.__getitem__)
+def survivor_ranks(keys: list[tuple[str, str, int, int]], against_records: int = 0) -> np.ndarray:
+    """Rank of every record under the survivor order (lowest rank survives). The first
+    ``against_records`` records (an existing corpus, ``--against``) rank before all others, so a
+    new record never survives in place of an old one."""
+    order = sorted(range(len(keys)), key=lambda i: (i >= against_records, keys[i]))
     rank = np.empty(len(keys), dtype=np.int64)
     rank[order] = np.arange(len(keys))
     return rank
