@@ -262,3 +262,25 @@ def test_gpt2_residual_projections_start_scaled_by_depth():
         assert out_proj.std() == pytest.approx(expected, rel=0.05)
         assert c_proj.std() == pytest.approx(expected, rel=0.05)
         assert c_fc.std() == pytest.approx(0.02, rel=0.05)
+
+
+def test_fp32_residual_stream_is_closer_to_fp32_than_a_bf16_stream():
+    """model.residual_dtype=float32 keeps the residual stream in fp32 under bf16 compute (as PyTorch
+    autocast does): its hidden states are closer to the all-fp32 model's than a bf16 stream's."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from tests.helpers import tiny_config
+    from train.core.model import Transformer, init_params
+
+    ref_cfg = tiny_config("model.compute_dtype=float32").model
+    params = nn.meta.unbox(init_params(ref_cfg, jax.random.PRNGKey(0)))
+    ids = (jnp.arange(64)[None] * 7) % ref_cfg.vocab_size
+    ref = Transformer(ref_cfg).apply({"params": params}, ids, method=Transformer.hidden)
+    errors = {}
+    for stream in ("compute", "float32"):
+        cfg = tiny_config("model.compute_dtype=bfloat16", f"model.residual_dtype={stream}").model
+        h = Transformer(cfg).apply({"params": params}, ids, method=Transformer.hidden)
+        errors[stream] = float(jnp.abs(h.astype(jnp.float32) - ref).mean())
+    assert 0 < errors["float32"] < errors["compute"], errors

@@ -53,6 +53,7 @@ class ModelConfig:
     resid_dropout: float = 0.0  # dropout on attention and MLP outputs
     compute_dtype: str = "bfloat16"  # activations/matmuls; master weights stay param_dtype
     param_dtype: str = "float32"  # master weights and optimizer state
+    residual_dtype: str = "compute"  # the residual stream: compute (= compute_dtype) or float32 (PyTorch autocast)
     attention_impl: str = "blocked"  # einsum, blocked (local layers by window blocks), dot_product (XLA), cudnn
     remat: str = "none"  # rematerialisation of blocks: none, full, dots (save matmul outputs)
     loss_chunk_size: int = 0  # >0: output layer fused with the loss, this many positions at a time (bounds fp32 logits)
@@ -181,6 +182,7 @@ CHOICES = {
     "model.family": ("gpt_neo", "gpt2"),
     "model.activation": ("gelu_new", "gelu", "relu"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
+    "model.residual_dtype": ("compute", "float32"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention_impl": ("einsum", "blocked", "dot_product", "cudnn"),
     "model.remat": ("none", "full", "dots"),

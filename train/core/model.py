@@ -379,7 +379,10 @@ class Transformer(nn.Module):
         wte_VD = nn.with_logical_constraint(self.wte, (None, None))
         wpe_PD = nn.with_logical_constraint(self.wpe, (None, None))
         x_BTD = jnp.take(wte_VD, input_ids_BT, axis=0) + jnp.take(wpe_PD, jnp.maximum(positions_BT, 0), axis=0)
-        x_BTD = nn.with_logical_constraint(x_BTD.astype(dtype), ("act_batch", "act_seq", "act_embed"))
+        # The residual stream: in compute dtype, or fp32 as PyTorch autocast keeps it (each block's
+        # bf16 output is then added in fp32; LayerNorm reads fp32 either way).
+        stream = jnp.float32 if cfg.residual_dtype == "float32" else dtype
+        x_BTD = nn.with_logical_constraint(x_BTD.astype(stream), ("act_batch", "act_seq", "act_embed"))
         x_BTD = self.drop(x_BTD, deterministic=deterministic)
         for block in self.blocks:
             x_BTD = block(x_BTD, positions_BT, deterministic, decode)
