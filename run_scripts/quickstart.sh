@@ -25,9 +25,10 @@ CODENEO_ADD_TOKENS="${CODENEO_ADD_TOKENS:-0}" bash run_scripts/tokenizer.sh "$DA
 say "3/5 train configs/tiny.yaml (resumes if $RUN already has checkpoints)"
 # shellcheck disable=SC2086
 python -m train --config configs/tiny.yaml --set "run.output_dir=$RUN" --set "data.train_dir=$DATA/train" \
-  --set "data.validation_dir=$DATA/validation" --set "tokenizer.path=$TOK" ${EXTRA_SET:-}
+  --set "data.validation_dir=$DATA/validation" --set "tokenizer.path=$TOK" --set train.eval_at_start=true \
+  ${EXTRA_SET:-}
 
-say "4/5 evaluation (validation loss and perplexity logged during training)"
+say "4/5 evaluation: held-out loss before training (step 0) and after"
 python -m train.metrics --run "$RUN" --require-falling
 
 say "5/5 export to a Hugging Face folder, and sample"

@@ -54,7 +54,8 @@ def test_run_writes_config_metrics_checkpoints_and_resumes_exactly(tiny_corpus, 
     for key in ("step", "loss", "learning_rate", "tokens_per_second", "mfu", "grad_norm"):
         assert all(key in r for r in train_rec), key
     assert [r["step"] for r in evals] == [6, 12]
-    assert all(r["eval_tokens"] == 4096 and r["eval_loss/python"] == pytest.approx(r["eval_loss"]) for r in evals)
+    # 4096 held-out tokens in rows of 65: 63 rows, 64 predicted labels each
+    assert all(r["eval_tokens"] == 63 * 64 and r["eval_loss/python"] == pytest.approx(r["eval_loss"]) for r in evals)
     assert all(r["mfu"] is None for r in train_rec)  # a CPU has no peak that bounds the step
     assert all(r["perplexity"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals)
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"] < math.log(512)
@@ -189,5 +190,14 @@ def test_held_out_losses_do_not_depend_on_the_device_count(tiny_corpus, tmp_path
         eval_set = make_eval_set(cfg)
         assert sum(int((i >= 0).sum()) for i in eval_set.index) == len(eval_set.language)
         results.append(evaluate(compiled, params, eval_set))
-    assert results[0]["eval_tokens"] == results[1]["eval_tokens"] == 4096
+    assert results[0]["eval_tokens"] == results[1]["eval_tokens"] == 63 * 64
     assert results[0]["eval_loss"] == pytest.approx(results[1]["eval_loss"], rel=1e-6)
+
+
+def test_eval_at_start_logs_the_untrained_model_as_step_0(tiny_corpus, tmp_path):
+    out = train(_cfg(tiny_corpus, tmp_path / "run", "train.max_steps=4", "train.eval_every=4",
+                     "train.eval_at_start=true", "train.save_every=4"))
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 4] and out["step"] == 4
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(512), rel=0.05)  # an untrained model: ~uniform
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]

@@ -133,6 +133,7 @@ class TrainConfig:
     seed: int = 0  # parameter init, dropout and data order
     save_every: int = 1000  # checkpoint interval in steps
     eval_every: int = 1000  # evaluation interval in steps; 0 disables
+    eval_at_start: bool = False  # also evaluate the initial model (step 0) of a fresh run
     log_every: int = 10  # metrics interval in steps
     humaneval_every: int = 0  # HumanEval quick check interval; 0 disables
     humaneval_tasks: int = 20  # problems sampled (seeded) for each in-training HumanEval check

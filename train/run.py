@@ -314,13 +314,15 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
     closers = add_hooks(loop, cfg, run_dir=run_dir, ckpt=ckpt, loader=loader, eval_set=eval_set,
                         saved_step=start.saved_step, is_main=is_main)
     end = cfg.train.max_steps if stop_after is None else min(cfg.train.max_steps, step + stop_after)
+    evals = [h.fn for h in loop.hooks if isinstance(h.fn, EvalHook)]
     with StopSignal() as stop:
         try:
+            if evals and cfg.train.eval_at_start and start.saved_step is None:
+                evals[0](loop)  # the held-out loss before any training
             loop.run(end, stop)
         finally:
             for item in [ckpt, *closers, loader, writer, progress]:
                 if item is not None:
                     item.close()
-    evals = [h.fn for h in loop.hooks if isinstance(h.fn, EvalHook)]
     return {"step": loop.step, "history": loop.history, "eval": evals[0].last if evals else {},
             "run_dir": str(run_dir), "stopped_by": stop.received}
