@@ -27,8 +27,10 @@ same kept set.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +43,14 @@ import numpy as np
 from tqdm import tqdm
 
 from data_processing import minhash
-from data_processing.shards import BadRecordCounter, ShardError, ShardWriter, iter_records, list_shards
+from data_processing.shards import (
+    MAX_RECORD_BYTES,
+    BadRecordCounter,
+    ShardError,
+    ShardWriter,
+    iter_records,
+    list_shards,
+)
 from data_processing.workers import WorkerDiedError, WorkerProcesses
 
 BATCH_RECORDS = 64
@@ -89,12 +98,34 @@ def normalise_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
+_WHITESPACE = re.compile(r"\s")  # the characters str.split() splits on
+_PIECE_CHARS = 1 << 18
+
+
+def exact_hash(text: str) -> int:
+    """``hash_bytes`` of the UTF-8 ``normalise_whitespace(text)``, computed over pieces of the
+    text cut at whitespace: ``split()`` of a whole 10 MB text holds a word object per word,
+    about 8 times the text in memory."""
+    digest = hashlib.blake2b(digest_size=8)
+    lo, n, sep = 0, len(text), ""
+    while lo < n:
+        hi = lo + _PIECE_CHARS
+        if hi < n:
+            found = _WHITESPACE.search(text, hi)
+            hi = found.start() if found else n
+        words = text[lo:hi].split()
+        if words:
+            digest.update((sep + " ".join(words)).encode("utf-8"))
+            sep = " "
+        lo = hi
+    return int.from_bytes(digest.digest(), "little")
+
+
 def map_signatures(texts: list[str], num_perm: int, seed: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Stage 1 for a batch of texts: uint64 exact hashes (whitespace-normalised blake2b) and
     ``(n, num_perm)`` uint32 MinHash signatures. Every engine calls this one function, so their
     hashes and signatures are bit-identical."""
-    exact = np.array([minhash.hash_bytes(normalise_whitespace(t).encode("utf-8")) for t in texts],
-                     dtype=np.uint64)
+    exact = np.array([exact_hash(t) for t in texts], dtype=np.uint64)
     sigs = np.stack([minhash.signature(minhash.shingle_hashes(t, k), num_perm, seed) for t in texts])
     return exact, sigs
 
@@ -151,14 +182,14 @@ class Workers:
 
 
 def _batches(paths: Sequence[str], skip_bad: bool, bad: BadRecordCounter | None, sink: Callable | None = None,
-             wanted: set[int] | None = None) -> Iterator[list[str]]:
+             wanted: set[int] | None = None, max_record_bytes: int | None = MAX_RECORD_BYTES) -> Iterator[list[str]]:
     """Texts of all records in (shard, index) order, in batches; ``sink(shard, idx, record)``
     sees each record first. With ``wanted`` only records whose global index is in it are sent."""
     batch: list[str] = []
     size = 0
     gid = 0
     for s, path in enumerate(paths):
-        for i, record in enumerate(iter_records(path, skip_bad=skip_bad, bad=bad)):
+        for i, record in enumerate(iter_records(path, skip_bad=skip_bad, bad=bad, max_record_bytes=max_record_bytes)):
             if sink is not None:
                 sink(s, i, record)
             if wanted is None or gid in wanted:
@@ -253,8 +284,10 @@ def plan_dedup(
     bad: BadRecordCounter | None = None,
     pool: Workers | None = None,
     progress: bool = True,
+    max_record_bytes: int | None = MAX_RECORD_BYTES,
 ) -> DedupResult:
-    """Run stages 1-5 over ``paths`` and decide which records survive (nothing is written)."""
+    """Run stages 1-5 over ``paths`` and decide which records survive (nothing is written).
+    A line over ``max_record_bytes`` is a bad record (pass the same limit to ``write_kept``)."""
     params = (params or DedupParams()).resolved()
     paths = list(paths)
     bad = bad if bad is not None else BadRecordCounter()
@@ -280,7 +313,7 @@ def plan_dedup(
         fn = partial(map_signatures, num_perm=params.num_perm, seed=params.seed, k=params.shingle_words)
         exact_parts, sig_parts = [], []
         with tqdm(desc="dedup signatures", unit=" files", disable=None if progress else True) as bar:
-            for exact, sigs in pool.imap(fn, _batches(paths, skip_bad, bad, sink)):
+            for exact, sigs in pool.imap(fn, _batches(paths, skip_bad, bad, sink, max_record_bytes=max_record_bytes)):
                 exact_parts.append(exact)
                 sig_parts.append(sigs)
                 bar.update(len(exact))
@@ -320,7 +353,8 @@ def plan_dedup(
             it = iter(cand_list)
             shingles: dict[int, np.ndarray] = {}
             fn2 = partial(_map_shingles, k=params.shingle_words)
-            for sets in pool.imap(fn2, _batches(paths, True, None, wanted=set(cand_list))):
+            batches = _batches(paths, True, None, wanted=set(cand_list), max_record_bytes=max_record_bytes)
+            for sets in pool.imap(fn2, batches):
                 for s in sets:
                     gid = next(it)
                     shingles[gid] = s
@@ -395,22 +429,23 @@ def plan_dedup(
                        cluster=cluster, report=report)
 
 
-def _filter_shard(src: str, dst: str, kept: list[int], skip_bad: bool) -> tuple[int, int]:
+def _filter_shard(src: str, dst: str, kept: list[int], skip_bad: bool,
+                  max_record_bytes: int | None = MAX_RECORD_BYTES) -> tuple[int, int]:
     wanted = set(kept)
     with ShardWriter(dst) as writer:
-        for i, record in enumerate(iter_records(src, skip_bad=skip_bad)):
+        for i, record in enumerate(iter_records(src, skip_bad=skip_bad, max_record_bytes=max_record_bytes)):
             if i in wanted:
                 writer.write(record)
     return writer.count, writer.bytes_written
 
 
 def write_kept(result: DedupResult, out_dir: str | os.PathLike, *, skip_bad: bool = False,
-               pool: Workers | None = None) -> list[str]:
+               pool: Workers | None = None, max_record_bytes: int | None = MAX_RECORD_BYTES) -> list[str]:
     """Stage 6: write kept records of input shard ``i`` to ``out_dir/dedup-{i:05d}.jsonl.zst``
     (one map task per shard), and delete stale ``dedup-*`` shards of an earlier run."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [(src, str(out / f"dedup-{s:05d}.jsonl.zst"), result.kept_indices(s).tolist(), skip_bad)
+    tasks = [(src, str(out / f"dedup-{s:05d}.jsonl.zst"), result.kept_indices(s).tolist(), skip_bad, max_record_bytes)
              for s, src in enumerate(result.paths)]
     own = pool is None
     pool = pool or Workers(1)
@@ -460,10 +495,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores; local engine)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad records instead of stopping")
+    p.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
+                   help=f"a line longer than this is a bad record, never read whole (default {MAX_RECORD_BYTES})")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
     if not 0 < args.threshold <= 1:
         p.error(f"--threshold {args.threshold}: must be in (0, 1]")
+    if args.max_record_bytes < 1:
+        p.error(f"--max-record-bytes {args.max_record_bytes}: must be >= 1")
+    if args.engine == "spark" and args.max_record_bytes != MAX_RECORD_BYTES:
+        p.error(f"--max-record-bytes: the spark engine reads with the default limit {MAX_RECORD_BYTES} only")
     params = DedupParams(args.threshold, args.num_perm, args.bands, args.rows, args.seed)
     if args.engine == "spark":
         return _main_spark(args, params)
@@ -471,8 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = list_shards(args.input)
         with Workers(args.workers) as pool:
-            result = plan_dedup(paths, params, skip_bad=args.skip_bad, pool=pool, progress=not args.quiet)
-            write_kept(result, args.output, skip_bad=args.skip_bad, pool=pool)
+            result = plan_dedup(paths, params, skip_bad=args.skip_bad, pool=pool, progress=not args.quiet,
+                                max_record_bytes=args.max_record_bytes)
+            write_kept(result, args.output, skip_bad=args.skip_bad, pool=pool, max_record_bytes=args.max_record_bytes)
     except ShardError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -203,7 +203,14 @@ def test_bad_records_are_replayed_like_the_live_reader(tok_dir, tmp_path):
     lines[4] = '{"text": broken'
     lines[7] = ""
     (data / "b.jsonl").write_text("\n".join(lines) + "\n")
-    build_cache(data, tok_dir, tmp_path / "cache", workers=1, progress=False)
+    # Without skip_bad the build refuses the shard the loader would refuse, and writes no entry for it.
+    with pytest.raises(ShardError, match=r"b\.jsonl:5: not a JSON object"):
+        build_cache(data, tok_dir, tmp_path / "cache", workers=1, progress=False)
+    assert not list((tmp_path / "cache").rglob("b-*.npz"))
+    summary = build_cache(data, tok_dir, tmp_path / "cache", workers=1, progress=False, skip_bad=True)
+    assert summary.bad_records == {"not a JSON object (Expecting value)": 1}
+    with pytest.raises(ShardError, match=r"b\.jsonl:5: not a JSON object"):  # fresh entry, still refused
+        build_cache(data, tok_dir, tmp_path / "cache", workers=1, progress=False)
     for token_cache in (None, str(tmp_path / "cache")):
         with _loader(data, tok_dir, token_cache=token_cache) as loader, \
                 pytest.raises(ShardError, match=r"b\.jsonl:5: not a JSON object"):

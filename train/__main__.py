@@ -2,7 +2,8 @@
 
 ``--check`` validates the config, including the mesh and batch checks for the devices this
 process sees, prints it and exits: 0 when the run could start, 2 with a one-line error naming
-the key and what it allows otherwise.
+the key and what it allows otherwise. Bad training data (a corrupt, truncated or empty shard, a
+bad record) also ends a run with one line naming the file and exit 2.
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def main(argv=None) -> int:
 
         train(cfg)
     except C.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        # Bad data found by the loader or the token cache build (a corrupt, truncated or empty
+        # shard, a bad record): the message names the file (and line); anything else goes on up.
+        from data_processing.shards import ShardError
+        from data_processing.token_cache import TokenCacheError
+
+        if not isinstance(err, (ShardError, TokenCacheError)):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
