@@ -54,6 +54,7 @@ from data_processing.shards import (
     iter_lines,
     list_shards,
     parse_record,
+    unreadable_reason,
 )
 from data_processing.sources import Document, Owned, ShardSource, _always, _count_bad, _language
 from data_processing.workers import WorkerDiedError, WorkerProcesses
@@ -119,7 +120,7 @@ def _encode_shard(shard: str, tokenizer, vocab_size: int, report: Callable[[int,
     languages: list[str | None] = [None]
     language_index: dict[str | None, int] = {None: 0}
     bad: dict[str, str] = {}
-    unreadable = None
+    unreadable = unreadable_as = None
     per_line: list[np.ndarray] = []  # token counts, one array per encoded batch
     pieces: list[np.ndarray] = []
     batch: list[str] = []
@@ -146,7 +147,7 @@ def _encode_shard(shard: str, tokenizer, vocab_size: int, report: Callable[[int,
             if not skip_bad:
                 raise
             # Replayed when loading: the live reader stops (or raises) at the same place.
-            unreadable = str(err)
+            unreadable, unreadable_as = str(err), unreadable_reason(err)
             break
         if is_blank(line):
             kinds.append(_BLANK)
@@ -189,6 +190,7 @@ def _encode_shard(shard: str, tokenizer, vocab_size: int, report: Callable[[int,
             "languages": languages,
             "bad": bad,
             "unreadable": unreadable,
+            "unreadable_reason": unreadable_as,  # how the live reader counts it ("empty file", ...)
         },
     }
 
@@ -280,7 +282,7 @@ def _count_entry_bad(meta: dict[str, Any], counter: BadRecordCounter) -> None:
     for line, reason in sorted(meta.get("bad", {}).items(), key=lambda kv: int(kv[0])):
         counter.add(reason, f"{shard}:{line}")
     if meta.get("unreadable"):
-        counter.add("unreadable shard", meta["unreadable"])
+        counter.add(meta.get("unreadable_reason") or "unreadable shard", meta["unreadable"])
 
 
 @dataclass
@@ -376,7 +378,9 @@ def build_cache(
         _builder.clear()
     bad = BadRecordCounter()
     for shard in shards:
-        _count_entry_bad(read_meta(entries[shard]) or {}, bad)
+        meta = read_meta(entries[shard])
+        if meta is not None:
+            _count_entry_bad(meta, bad)
     return BuildSummary(shards=len(shards), built=built, reused=len(shards) - built, tokens_built=tokens,
                         seconds=time.perf_counter() - t0, folder=str(Path(cache_dir) / f"tok-{tok_hash[:16]}"),
                         bad_records=dict(bad.counts))
@@ -473,7 +477,7 @@ class CachedUnit:
         if unreadable:
             if not skip_bad:
                 raise ShardError(unreadable)
-            _count_bad(bad, "unreadable shard", unreadable)
+            _count_bad(bad, self.meta.get("unreadable_reason") or "unreadable shard", unreadable)
 
 
 class TokenCache:

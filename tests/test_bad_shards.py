@@ -252,7 +252,18 @@ def test_token_cache_build_refuses_a_corrupt_shard_or_records_it(tmp_path, tok_d
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {data / 'b.jsonl.zst'}:")
     assert token_cache.main([*args[:-2], "--workers", "2", "--skip-bad"]) == 0  # builder processes too
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bad_records"] == {
-        "unreadable shard": 2}  # the empty file ends its shard like a corrupt one in the cache
+        "unreadable shard": 1, "empty file": 1}
+    # The loader meets the recorded ends as it meets them in the shards: by the same reasons.
+    counts = []
+    for cache in (None, str(tmp_path / "cache")):
+        with TokenLoader(data, tok_dir, block_size=16, batch_size_per_host=2, num_workers=0, skip_bad=True,
+                         token_cache=cache) as loader:
+            for _ in range(10_000):
+                next(loader)
+                if loader.state()["docs"]["epoch"] >= 1:
+                    break
+            counts.append(set(loader.bad_records.counts))
+    assert counts[0] == counts[1] == {"unreadable shard", "empty file"}
 
 
 def test_loader_refuses_an_empty_or_oversized_shard_by_name(tmp_path, tok_dir):
