@@ -263,3 +263,13 @@ def test_cli_check_runs_the_batch_checks_for_the_devices_it_sees(tmp_path):
     proc = _cli(tmp_path, "--set", "train.batch_size=16", devices=2)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1].startswith("# ok for 2 cpu device(s): mesh data=2 fsdp=1 tensor=1")
+
+
+def test_validation_imports_no_jax():
+    import subprocess
+    import sys
+
+    code = ("import sys; from train import config as C; C.load('configs/tiny.yaml', ['train.batch_size=15']); "
+            "assert 'jax' not in sys.modules, 'train.config imported jax'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
