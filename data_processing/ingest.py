@@ -29,7 +29,13 @@ from tqdm import tqdm
 
 from data_processing import licenses, stack_v2
 from data_processing.languages import detect_language
-from data_processing.shards import BadRecordCounter, ShardError, ShardSetWriter, iter_dir_records
+from data_processing.shards import (
+    MAX_RECORD_BYTES,
+    BadRecordCounter,
+    ShardError,
+    ShardSetWriter,
+    iter_dir_records,
+)
 
 # Folders that hold someone else's code or build output: training on them mostly duplicates
 # popular libraries (and their minified builds) many times over.
@@ -329,12 +335,15 @@ def iter_shards(
     stats: IngestStats | None = None,
     skip_bad: bool = False,
     bad: BadRecordCounter | None = None,
+    max_record_bytes: int | None = MAX_RECORD_BYTES,
 ) -> Iterator[dict[str, Any]]:
     """Yield records of existing shards (Code Clippy's, or ours) with their meta completed:
     ``size`` recomputed, ``language`` detected from ``file_name`` when missing, ``repo_name``,
-    ``file_name`` and ``license`` defaulting to ``"unknown"``. Other meta fields are kept."""
+    ``file_name`` and ``license`` defaulting to ``"unknown"``. Other meta fields are kept.
+    Bad records and shards (a line over ``max_record_bytes`` included) raise ``ShardError``, or
+    are counted in ``bad`` with ``skip_bad``."""
     stats = stats if stats is not None else IngestStats()
-    for record in iter_dir_records(source, skip_bad=skip_bad, bad=bad):
+    for record in iter_dir_records(source, skip_bad=skip_bad, bad=bad, max_record_bytes=max_record_bytes):
         stats.files_seen += 1
         text = record["text"]
         if not text.strip():

@@ -34,7 +34,7 @@ import numpy as np
 
 from data_processing.docstream import EPOCH_END, HOST_SPLITS, DocStream, epoch_start
 from data_processing.packing import DocumentEncoder, EncodeOptions, Packer, init_worker, worker_encode
-from data_processing.shards import BadRecordCounter
+from data_processing.shards import MAX_RECORD_BYTES, BadRecordCounter
 from data_processing.sources import HFDatasetSource, ShardSource, make_source
 from data_processing.token_cache import CachedShardSource, TokenCache
 from data_processing.tokens import tokenizer_file
@@ -113,6 +113,10 @@ class TokenLoader:
     shards and this tokenizer. Documents then come as cached token arrays (same order, state
     and batches as without it); only fill-in-the-middle documents are tokenized, in the
     workers, and without FIM no worker process is started at all.
+
+    ``max_record_bytes``: a shard line longer than this is a bad record (refused, or counted and
+    skipped with ``skip_bad``) and is never read into memory whole. A corrupt, truncated or empty
+    (0-byte) shard raises ``ShardError`` naming it from ``next()``, or is counted and skipped.
     """
 
     def __init__(
@@ -133,12 +137,13 @@ class TokenLoader:
         encode: EncodeOptions | None = None,
         host_split: str = "auto",
         token_cache: str | None = None,
+        max_record_bytes: int | None = MAX_RECORD_BYTES,
     ):
         if block_size < 1 or batch_size_per_host < 1 or tokenize_batch < 1:
             raise ValueError("block_size, batch_size_per_host and tokenize_batch must be positive")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        self.source = make_source(source)
+        self.source = make_source(source, max_record_bytes=max_record_bytes)
         self.host_split = _resolve_host_split(host_split, len(self.source), process_count)
         self.tokenizer_path = tokenizer_file(tokenizer_path)
         self.encode_options = encode or EncodeOptions()
@@ -388,11 +393,12 @@ def validation_batches(
     process_count: int = 1,
     skip_bad: bool = False,
     encode: EncodeOptions | None = None,
+    max_record_bytes: int | None = MAX_RECORD_BYTES,
 ) -> list[np.ndarray]:
     """The first ``num_batches`` batches of one unshuffled pass (sorted shards, file order),
     packed (and encoded, per ``encode``) like training batches; identical on every call.
     Raises ``ValueError`` if one pass does not hold ``num_batches`` batches for this host."""
-    src = make_source(source)
+    src = make_source(source, max_record_bytes=max_record_bytes)
     encoder = DocumentEncoder(tokenizer_path, encode)
     docs = DocStream(
         src,

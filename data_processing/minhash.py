@@ -63,9 +63,42 @@ class _Powers:
 _POWERS = _Powers()
 
 
+_BLOCK_BYTES = 1 << 18  # bytes hashed per vector step: bounds the per-byte temporaries (~40 bytes a byte)
+
+
 def word_hashes(text: str) -> np.ndarray:
-    """uint64 hash of every word of ``text``, in order (see the module docstring for "word")."""
+    """uint64 hash of every word of ``text``, in order (see the module docstring for "word").
+
+    A long text is hashed in blocks of about ``_BLOCK_BYTES`` cut between words; a word's hash
+    depends only on its own bytes, so the result is the same as in one step, while the memory of
+    the vector arithmetic stays bounded by the block instead of growing with the text."""
     b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    if b.size <= _BLOCK_BYTES:
+        return _block_word_hashes(b)
+    is_word = _WORD_BYTE[b]
+    parts, lo = [], 0
+    while lo < b.size:
+        hi = _word_boundary(is_word, min(lo + _BLOCK_BYTES, b.size))
+        parts.append(_block_word_hashes(b[lo:hi]))
+        lo = hi
+    return np.concatenate(parts)
+
+
+def _word_boundary(is_word: np.ndarray, at: int) -> int:
+    """The first position >= ``at`` that is not inside a word (a non-word byte, or the end)."""
+    step = 4096
+    while at < is_word.size:
+        window = is_word[at : at + step]
+        k = int(np.argmin(window))  # first False, or 0 when the window is all word bytes
+        if not window[k]:
+            return at + k
+        at += window.size
+        step *= 2
+    return int(is_word.size)
+
+
+def _block_word_hashes(b: np.ndarray) -> np.ndarray:
+    """``word_hashes`` of the UTF-8 bytes ``b`` in one vector step (memory ~40 bytes per byte)."""
     if b.size == 0:
         return _EMPTY
     w = _WORD_BYTE[b].view(np.int8)

@@ -30,9 +30,13 @@ from data_processing import filters, ingest, licenses, redact
 from data_processing.atomic import write_json_atomic
 from data_processing.dedup import DedupParams, Workers, plan_dedup
 from data_processing.minhash import hash_bytes
-from data_processing.shards import BadRecordCounter, ShardError, ShardSetWriter, iter_records
+from data_processing.shards import MAX_RECORD_BYTES, BadRecordCounter, ShardError, ShardSetWriter, iter_records
 
 REPORT_VERSION = 1
+
+
+class NothingToWriteError(ValueError):
+    """Ingest and filters left no record: there is no corpus to split (the message says why)."""
 
 
 def default_source() -> str:
@@ -79,6 +83,7 @@ def prepare(
     hf_allow_download: bool = False,
     shards: list[str] | None = None,
     skip_bad: bool = False,
+    max_record_bytes: int | None = MAX_RECORD_BYTES,
     filter_config: filters.FilterConfig | None = None,
     dedup_params: DedupParams | None = None,
     validation_fraction: float = 0.05,
@@ -94,7 +99,11 @@ def prepare(
     hf_data_dir: str | None = None,
     blobs: str | None = None,
 ) -> dict[str, Any]:
-    """Run the whole pipeline into ``out``; returns the report (also written to report.json)."""
+    """Run the whole pipeline into ``out``; returns the report (also written to report.json).
+
+    Bad input shards (corrupt, truncated, empty, or with a bad line or one over
+    ``max_record_bytes``) raise ``ShardError`` naming them, or are counted and skipped with
+    ``skip_bad``; ``NothingToWriteError`` when no record is left to split, with nothing written."""
     t0 = time.perf_counter()
     out = Path(out)
     work = out / ".work"
@@ -119,7 +128,8 @@ def prepare(
                                       allow_download=hf_allow_download, stats=istats,
                                       config=hf_config, data_dir=hf_data_dir, blobs=blobs)
         if shards:
-            yield from ingest.iter_shards(shards, stats=istats, skip_bad=skip_bad, bad=bad)
+            yield from ingest.iter_shards(shards, stats=istats, skip_bad=skip_bad, bad=bad,
+                                          max_record_bytes=max_record_bytes)
 
     stream = ingest.capped(records(), max_files=max_files, max_bytes=max_bytes)
     license_policy = license_policy or licenses.LicensePolicy()
@@ -135,10 +145,15 @@ def prepare(
         for record in kept:
             writer.write(record)
     paths = writer.paths
+    if not writer.count:
+        shutil.rmtree(work, ignore_errors=True)
+        raise NothingToWriteError(_nothing_left(out, istats, fstats, bad))
     t1 = time.perf_counter()
 
+    # Our own intermediate shards are read without the record limit: their records came through
+    # this process whole already (the limit guards what is read from input shards).
     with Workers(workers) as pool:
-        result = plan_dedup(paths, dedup_params, pool=pool, progress=progress)
+        result = plan_dedup(paths, dedup_params, pool=pool, progress=progress, max_record_bytes=None)
     t2 = time.perf_counter()
 
     repo_bytes: dict[str, int] = {}
@@ -154,7 +169,7 @@ def prepare(
     with ShardSetWriter(out / "train", "train", max_bytes=shard_bytes) as train_w, \
             ShardSetWriter(out / "validation", "validation", max_bytes=shard_bytes) as val_w:
         for path in paths:
-            for record in iter_records(path):
+            for record in iter_records(path, max_record_bytes=None):
                 if keep[gid]:
                     meta = record["meta"]
                     side = "validation" if meta["repo_name"] in validation else "train"
@@ -198,6 +213,13 @@ def prepare(
     return report
 
 
+def _nothing_left(out: Path, istats: ingest.IngestStats, fstats: filters.FilterStats, bad: BadRecordCounter) -> str:
+    """One line saying why no record is left: what ingest kept, the filters dropped, was bad."""
+    dropped = sum(entry["files"] for entry in fstats.dropped.values())
+    return (f"{out}: no record left to write ({istats.files_kept} ingested of {istats.files_seen} seen, "
+            f"{dropped} dropped by the filters, {bad.total} bad records skipped); nothing written")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", nargs="+", default=None, help="source trees (default: the Python stdlib)")
@@ -211,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blobs", default=None, help="local folder of The Stack v2 / Software Heritage blobs")
     p.add_argument("--shards", nargs="+", default=None,
                    help="existing shards (Code Clippy's or ours): folders, files or globs")
-    p.add_argument("--skip-bad", action="store_true", help="count and skip bad records in --shards")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="count and skip bad records and unreadable (corrupt, truncated, empty) shards in --shards")
+    p.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
+                   help=f"a --shards line longer than this is a bad record, never read whole "
+                        f"(default {MAX_RECORD_BYTES})")
     p.add_argument("--validation-fraction", type=float, default=0.05, help="of bytes, by repository")
     p.add_argument("--seed", type=int, default=0, help="seed of the repository split")
     p.add_argument("--max-files", type=int, default=None, help="stop ingest after N kept files")
@@ -228,13 +254,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep e-mails, IP addresses, keys and passwords (redaction is on by default)")
     filters.add_config_args(p)
     args = p.parse_args(argv)
+    if args.max_record_bytes < 1:
+        p.error(f"--max-record-bytes {args.max_record_bytes}: must be >= 1")
     try:
         policy = licenses.LicensePolicy(licenses.read_license_list(args.licenses), args.keep_unknown_license,
                                         args.licenses)
         report = prepare(
             args.out, sources=args.src, depth=args.depth, hf_data_files=args.hf_data_files,
             hf_dataset=args.hf_dataset, hf_allow_download=args.hf_allow_download,
-            shards=args.shards, skip_bad=args.skip_bad,
+            shards=args.shards, skip_bad=args.skip_bad, max_record_bytes=args.max_record_bytes,
             filter_config=filters.config_from_args(args),
             dedup_params=DedupParams(threshold=args.threshold, num_perm=args.num_perm),
             validation_fraction=args.validation_fraction, seed=args.seed, max_files=args.max_files,
@@ -242,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             redact_pii=not args.no_redact, license_policy=policy,
             hf_config=args.hf_config, hf_data_dir=args.hf_data_dir, blobs=args.blobs,
         )
-    except ShardError as err:
+    except (ShardError, NothingToWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = {side: {k: report["split"][side][k] for k in ("files", "bytes", "repositories")}

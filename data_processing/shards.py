@@ -25,8 +25,39 @@ import zstandard
 SHARD_SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".json.zst", ".jsonl.gz", ".jsonl")
 
 
+# Longest record line read (UTF-8 bytes, newline excluded). Code corpora cap files far lower
+# (Codex: 1 MB, The Stack: 1 MB, ingest: 8 MB); 10 MB leaves room for JSON escaping while one
+# runaway line (a 181 MB data blob took dedup to 7.8 GB) can no longer take a machine's memory.
+MAX_RECORD_BYTES = 10 << 20
+_SKIP_PIECE = 1 << 20  # an over-long line is read past in pieces of this size, never held whole
+
+
 class ShardError(ValueError):
     """A shard or one of its records is unreadable; the message names file and line."""
+
+
+class EmptyShardError(ShardError):
+    """A shard file with no bytes at all (an interrupted copy, a placeholder)."""
+
+
+def unreadable_reason(err: ShardError) -> str:
+    """How a shard that ended in ``err`` is counted by ``BadRecordCounter``."""
+    return "empty file" if isinstance(err, EmptyShardError) else "unreadable shard"
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """Yielded by ``iter_lines`` in place of a line that cannot hold a record: one longer than
+    the record size limit (never read into memory whole) or one that is not UTF-8. The rest of
+    the shard stays readable; ``parse_record`` raises for it, so callers count or refuse it as
+    any other bad record."""
+
+    reason: str
+
+
+def is_blank(line: str | BadLine) -> bool:
+    """True for a line with nothing but whitespace (ignored by every reader)."""
+    return isinstance(line, str) and not line.strip()
 
 
 @dataclass
@@ -98,51 +129,128 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
+_ZSTD_MAGIC = 0xFD2FB528
+_SKIPPABLE = range(0x184D2A50, 0x184D2A60)
+_FCS_BYTES = (0, 2, 4, 8)  # frame content size field by FCS flag (flag 0 with single segment: 1)
+_DICT_ID_BYTES = (0, 1, 2, 4)
+
+
+class _FrameWalker:
+    """Follows the frame and block structure of a zstd stream (RFC 8878: magic numbers, frame
+    headers, block headers and sizes, checksums, skippable frames) without decompressing, so
+    that a stream cut inside a frame can be told from a complete one: ``zstandard``'s
+    ``stream_reader`` returns a silent short read (often zero bytes) when the input stops
+    inside a frame, and a half-copied shard would look valid but smaller."""
+
+    def __init__(self) -> None:
+        self._state, self._need, self._hold, self._skip = "magic", 4, b"", 0
+        self._checksum = False
+        # A malformed header is kept, not raised: the decoder reports it when it gets there, after
+        # the lines before it (the walker reads ahead of the decoder).
+        self.error: zstandard.ZstdError | None = None
+
+    @property
+    def at_boundary(self) -> bool:
+        """True between frames: the bytes fed so far are whole frames."""
+        return self._state == "magic" and not self._hold and not self._skip
+
+    def feed(self, data: bytes) -> None:
+        """Walk over the next compressed bytes; a malformed header stops the walk (``error``)."""
+        i, n = 0, len(data)
+        while i < n and self.error is None:
+            if self._skip:
+                k = min(self._skip, n - i)
+                self._skip -= k
+                i += k
+                continue
+            k = min(self._need - len(self._hold), n - i)
+            self._hold += data[i : i + k]
+            i += k
+            if len(self._hold) == self._need:
+                fieldbytes, self._hold = self._hold, b""
+                try:
+                    self._advance(fieldbytes)
+                except zstandard.ZstdError as err:
+                    self.error = err
+
+    def _expect(self, state: str, need: int, skip: int = 0) -> None:
+        self._state, self._need, self._skip = state, need, skip
+
+    def _advance(self, b: bytes) -> None:
+        value = int.from_bytes(b, "little")
+        if self._state == "magic":
+            if value == _ZSTD_MAGIC:
+                self._expect("descriptor", 1)
+            elif value in _SKIPPABLE:
+                self._expect("skippable size", 4)
+            else:
+                raise zstandard.ZstdError(f"not a zstd frame (magic number {value:#010x})")
+        elif self._state == "skippable size":
+            self._expect("magic", 4, skip=value)
+        elif self._state == "descriptor":
+            fcs, single, self._checksum, dict_id = value >> 6, value >> 5 & 1, bool(value >> 2 & 1), value & 3
+            rest = (0 if single else 1) + _DICT_ID_BYTES[dict_id] + (_FCS_BYTES[fcs] or single)
+            self._expect("header", rest) if rest else self._expect("block", 3)
+        elif self._state == "header":
+            self._expect("block", 3)
+        elif self._state == "block":
+            last, kind, size = value & 1, value >> 1 & 3, value >> 3
+            if kind == 3:
+                raise zstandard.ZstdError("corrupt zstd block header (reserved block type)")
+            payload = 1 if kind == 1 else size  # an RLE block holds one byte, repeated size times
+            if not last:
+                self._expect("block", 3, skip=payload)
+            elif self._checksum:
+                self._expect("checksum", 4, skip=payload)
+            else:
+                self._expect("magic", 4, skip=payload)
+        else:  # checksum
+            self._expect("magic", 4)
+
+
+class _Tee:
+    """A binary reader that shows every byte it reads to ``sink`` and notes the end of input."""
+
+    def __init__(self, raw, sink: Callable[[bytes], None]):
+        self._raw, self._sink, self.eof = raw, sink, False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        if data:
+            self._sink(data)
+        else:
+            self.eof = True
+        return data
+
+
 class _ZstdFrames(io.RawIOBase):
     """Decompress a stream of concatenated zstd frames, raising on a truncated last frame.
 
-    ``zstandard``'s ``stream_reader`` returns a silent short read (often zero bytes) when the
-    input stops inside a frame, so a half-copied shard would look valid but empty; here the
-    end of input inside a frame is an error.
+    Output comes in reads of the caller's size (``stream_reader``), so a line that decompresses
+    to gigabytes from a few kilobytes is never expanded at once; ``_FrameWalker`` checks that
+    the input ends between frames.
     """
 
-    CHUNK = 1 << 20
+    CHUNK = 1 << 17  # compressed bytes per read of the input
 
     def __init__(self, raw):
-        self._raw = raw
-        self._dctx = zstandard.ZstdDecompressor()
-        self._dobj = None  # decompressor of the frame in progress, None between frames
-        self._buf = b""
-        self._pos = 0  # read offset into _buf (slicing a large bytes object each read is quadratic)
-        self._eof = False
+        self._walker = _FrameWalker()
+        self._input = _Tee(raw, self._walker.feed)
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            self._input, read_size=self.CHUNK, read_across_frames=True, closefd=False)
 
     def readable(self) -> bool:
         return True
 
-    def _fill(self) -> None:
-        while self._pos >= len(self._buf) and not self._eof:
-            self._buf, self._pos = b"", 0
-            data = self._raw.read(self.CHUNK)
-            if not data:
-                self._eof = True
-                if self._dobj is not None:
-                    raise zstandard.ZstdError("truncated zstd stream: input ends inside a frame")
-                return
-            while data:
-                if self._dobj is None:
-                    self._dobj = self._dctx.decompressobj()
-                self._buf += self._dobj.decompress(data)  # a few frames per chunk at most
-                if self._dobj.eof:
-                    data = self._dobj.unused_data
-                    self._dobj = None
-                else:
-                    data = b""
-
     def readinto(self, b) -> int:
-        self._fill()
-        n = min(len(b), len(self._buf) - self._pos)
-        b[:n] = memoryview(self._buf)[self._pos : self._pos + n]
-        self._pos += n
+        n = self._reader.readinto(b)
+        if n == 0 and len(b):
+            if not self._input.eof:
+                raise zstandard.ZstdError("zstd decoder stopped before the end of the input")
+            if self._walker.error is not None:
+                raise self._walker.error
+            if not self._walker.at_boundary:
+                raise zstandard.ZstdError("truncated zstd stream: input ends inside a frame")
         return n
 
 
@@ -164,13 +272,35 @@ class _CountingReader(io.RawIOBase):
         return n
 
 
-def _text_stream(path: str, raw) -> io.TextIOBase:
+def _decompressed(path: str, raw) -> BinaryIO:
+    """The shard's bytes, decompressed according to its suffix."""
     if path.endswith((".zst", ".zstd")):
-        reader = io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 20)
-        return io.TextIOWrapper(reader, encoding="utf-8", newline="\n")
+        return io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 20)
     if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8", newline="\n")
-    return io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
+        return gzip.GzipFile(fileobj=raw)
+    return raw
+
+
+def _lines(stream: BinaryIO, limit: int | None) -> Iterator[str | BadLine]:
+    """The ``\n``-terminated lines of ``stream`` decoded as UTF-8. A line over ``limit`` bytes
+    is read past in bounded pieces and comes as a ``BadLine``, so memory stays bounded by the
+    limit whatever the input holds."""
+    cap = None if limit is None else limit + 1
+    while True:
+        raw = stream.readline(cap) if cap else stream.readline()
+        if not raw:
+            return
+        if cap and len(raw) == cap and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = stream.readline(_SKIP_PIECE)
+            yield BadLine(f"record longer than the limit of {limit} bytes (max_record_bytes)")
+            continue
+        try:
+            line: str | BadLine = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            line = BadLine("not valid UTF-8")
+        raw = b""  # not held while the caller works on the line: one copy of a large record fewer
+        yield line
 
 
 def iter_lines(
@@ -179,36 +309,51 @@ def iter_lines(
     *,
     fileobj: BinaryIO | None = None,
     progress: Callable[[int], None] | None = None,
-) -> Iterator[tuple[int, str]]:
+    max_record_bytes: int | None = MAX_RECORD_BYTES,
+) -> Iterator[tuple[int, str | BadLine]]:
     """Yield ``(line_number, raw_line)`` (1-based) from a shard, skipping ``start_line`` lines.
 
-    A corrupt or truncated stream raises ``ShardError`` naming the file and the line at which
-    reading failed. With ``fileobj`` the shard's bytes come from that open binary stream (a
-    cluster engine that fetched the file itself) and ``path`` only names it and picks the
-    decompressor from its suffix. ``progress(n)`` is called with the file bytes read, as they
-    are read.
+    A corrupt or truncated stream, or an empty (0-byte) file, raises ``ShardError`` naming the
+    file and the line at which reading failed. A line longer than ``max_record_bytes`` (None:
+    no limit) or not UTF-8 comes as a ``BadLine`` and reading goes on after it. With
+    ``fileobj`` the shard's bytes come from that open binary stream (a cluster engine that
+    fetched the file itself) and ``path`` only names it and picks the decompressor from its
+    suffix. ``progress(n)`` is called with the file bytes read, as they are read.
     """
     path = os.fspath(path)
     lineno = 0
+    file_bytes = 0
+
+    def count(n: int) -> None:
+        nonlocal file_bytes
+        file_bytes += n
+        if progress is not None:
+            progress(n)
+
     try:
         opened = contextlib.nullcontext(fileobj) if fileobj is not None else _open_binary(path)
         with opened as file:
-            raw = file if progress is None else io.BufferedReader(_CountingReader(file, progress), 1 << 20)
-            with _text_stream(path, raw) as stream:
-                for lineno, line in enumerate(stream, start=1):  # noqa: B007 (used in except)
+            raw = io.BufferedReader(_CountingReader(file, count), 1 << 20)
+            with _decompressed(path, raw) as stream:
+                for lineno, line in enumerate(_lines(stream, max_record_bytes), start=1):  # noqa: B007
                     if lineno <= start_line:
                         continue
                     yield lineno, line
     except FileNotFoundError as err:
         raise ShardError(f"{path}: file not found") from err
-    except (zstandard.ZstdError, OSError, EOFError, UnicodeDecodeError) as err:
+    except (zstandard.ZstdError, OSError, EOFError) as err:
         raise ShardError(
             f"{path}:{lineno + 1}: unreadable shard ({type(err).__name__}: {err})"
         ) from err
+    if file_bytes == 0:
+        # Not even a compression header: a copy that never happened, not a shard without records.
+        raise EmptyShardError(f"{path}: empty file (0 bytes), not a shard")
 
 
-def parse_record(line: str, where: str) -> dict[str, Any]:
+def parse_record(line: str | BadLine, where: str) -> dict[str, Any]:
     """Parse one JSON line into a record, checking it has a string ``text``."""
+    if isinstance(line, BadLine):
+        raise ShardError(f"{where}: {line.reason}")
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -232,12 +377,14 @@ def iter_records(
     bad: BadRecordCounter | None = None,
     start_line: int = 0,
     fileobj: BinaryIO | None = None,
+    max_record_bytes: int | None = MAX_RECORD_BYTES,
 ) -> Iterator[dict[str, Any]]:
-    """Yield records of one shard. Bad lines raise ``ShardError`` naming file:line, or are
-    counted in ``bad`` and skipped when ``skip_bad`` is set. Blank lines are ignored.
+    """Yield records of one shard. Bad lines (longer than ``max_record_bytes`` included) raise
+    ``ShardError`` naming file:line, or are counted in ``bad`` and skipped when ``skip_bad`` is
+    set; so is a corrupt, truncated or empty shard, which ends it. Blank lines are ignored.
     ``fileobj``: read the bytes from this stream instead of opening ``path`` (see ``iter_lines``)."""
     path = os.fspath(path)
-    lines = iter_lines(path, start_line=start_line, fileobj=fileobj)
+    lines = iter_lines(path, start_line=start_line, fileobj=fileobj, max_record_bytes=max_record_bytes)
     while True:
         try:
             lineno, line = next(lines)
@@ -248,24 +395,27 @@ def iter_records(
             if not skip_bad:
                 raise
             if bad is not None:
-                bad.add("unreadable shard", str(err).split(": ", 1)[0])
+                bad.add(unreadable_reason(err), str(err).split(": ", 1)[0])
             return
-        if not line.strip():
+        if is_blank(line):
             continue
         where = f"{path}:{lineno}"
         try:
-            yield parse_record(line, where)
+            record = parse_record(line, where)
         except ShardError as err:
             if not skip_bad:
                 raise
             if bad is not None:
                 bad.add(str(err)[len(where) + 2 :], where)
+            continue
+        yield record
 
 
-def iter_dir_records(source, *, skip_bad: bool = False, bad: BadRecordCounter | None = None):
-    """Yield records of every shard under ``source`` in sorted shard order."""
+def iter_dir_records(source, *, skip_bad: bool = False, bad: BadRecordCounter | None = None,
+                     max_record_bytes: int | None = MAX_RECORD_BYTES):
+    """Yield records of every shard under ``source`` in sorted shard order (see ``iter_records``)."""
     for path in list_shards(source):
-        yield from iter_records(path, skip_bad=skip_bad, bad=bad)
+        yield from iter_records(path, skip_bad=skip_bad, bad=bad, max_record_bytes=max_record_bytes)
 
 
 class ShardWriter:
@@ -297,11 +447,11 @@ class ShardWriter:
         self.bytes_written = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        data = line.encode("utf-8")
+        data = json.dumps(record, ensure_ascii=False).encode("utf-8")
         self._stream.write(data)
+        self._stream.write(b"\n")  # not concatenated: a large record is not copied once more
         self.count += 1
-        self.bytes_written += len(data)
+        self.bytes_written += len(data) + 1
 
     def close(self) -> None:
         if self._stream is not self._raw:

@@ -17,7 +17,16 @@ import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
-from data_processing.shards import BadRecordCounter, ShardError, iter_lines, list_shards, parse_record
+from data_processing.shards import (
+    MAX_RECORD_BYTES,
+    BadRecordCounter,
+    ShardError,
+    is_blank,
+    iter_lines,
+    list_shards,
+    parse_record,
+    unreadable_reason,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,9 +64,11 @@ def every_line(_line: int) -> bool:
 
 
 class ShardSource:
-    """``*.jsonl[.zst|.gz]`` shards under a directory, a glob, an fsspec URL or a list of them."""
+    """``*.jsonl[.zst|.gz]`` shards under a directory, a glob, an fsspec URL or a list of them.
+    A line longer than ``max_record_bytes`` is a bad record (never read into memory whole)."""
 
-    def __init__(self, source):
+    def __init__(self, source, *, max_record_bytes: int | None = MAX_RECORD_BYTES):
+        self.max_record_bytes = max_record_bytes
         text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
         if text is not None and "://" not in text and os.path.isabs(text) and glob.has_magic(text):
             # list_shards globs relative to the working directory only; expand absolute globs here.
@@ -85,7 +96,7 @@ class ShardSource:
         that are not ``owned``, blank, or bad and skipped. Bad lines raise ``ShardError``
         naming file:line unless ``skip_bad``."""
         path = self.paths[unit]
-        lines = iter_lines(path, start_line=start_line)
+        lines = iter_lines(path, start_line=start_line, max_record_bytes=self.max_record_bytes)
         while True:
             try:
                 lineno, line = next(lines)
@@ -95,9 +106,9 @@ class ShardSource:
                 # A corrupt compressed stream ends the shard: nothing after it is readable.
                 if not skip_bad:
                     raise
-                count_bad(bad, "unreadable shard", str(err))
+                count_bad(bad, unreadable_reason(err), str(err))
                 return
-            if not owned(lineno) or not line.strip():
+            if not owned(lineno) or is_blank(line):
                 yield lineno, None
                 continue
             where = f"{path}:{lineno}"
@@ -211,8 +222,8 @@ def count_bad(bad: BadRecordCounter | None, reason: str, where: str) -> None:
         bad.add(reason, where)
 
 
-def make_source(source) -> ShardSource | HFDatasetSource:
+def make_source(source, *, max_record_bytes: int | None = MAX_RECORD_BYTES) -> ShardSource | HFDatasetSource:
     """Wrap a dir / glob / URL / list of shards as a ``ShardSource``; pass source objects through."""
     if isinstance(source, (ShardSource, HFDatasetSource)):
         return source
-    return ShardSource(source)
+    return ShardSource(source, max_record_bytes=max_record_bytes)

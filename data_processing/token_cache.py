@@ -39,13 +39,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_processing.shards import BadRecordCounter, ShardError, iter_lines, list_shards, parse_record
+from data_processing.shards import (
+    MAX_RECORD_BYTES,
+    BadRecordCounter,
+    ShardError,
+    is_blank,
+    iter_lines,
+    list_shards,
+    parse_record,
+    unreadable_reason,
+)
 from data_processing.sources import Document, Owned, ShardSource, count_bad, every_line, record_language
 from data_processing.tokens import load_tokenizer_file, tokenizer_file
 from data_processing.workers import WorkerDiedError, WorkerProcesses
@@ -101,14 +110,17 @@ def build_command(shard: str, tokenizer_path: str, cache_dir: str | os.PathLike)
 # -- building -----------------------------------------------------------------------------------
 
 
-def _encode_shard(shard: str, tokenizer, vocab_size: int, report: Callable[[int, int], None]) -> dict[str, Any]:
+def _encode_shard(shard: str, tokenizer, vocab_size: int, report: Callable[[int, int], None], *,
+                  skip_bad: bool = True, max_record_bytes: int | None = MAX_RECORD_BYTES) -> dict[str, Any]:
     """Tokenize every document of ``shard``: the arrays and metadata of its entry.
-    ``report(file_bytes, tokens)`` is called as the shard is read and tokenized."""
+    ``report(file_bytes, tokens)`` is called as the shard is read and tokenized. A bad line or
+    an unreadable (corrupt, truncated, empty) shard raises ``ShardError`` naming it, or, with
+    ``skip_bad``, is recorded in the entry, where the loader finds it as it would in the shard."""
     kinds: list[int] = []
     languages: list[str | None] = [None]
     language_index: dict[str | None, int] = {None: 0}
     bad: dict[str, str] = {}
-    unreadable = None
+    unreadable = unreadable_as = None
     per_line: list[np.ndarray] = []  # token counts, one array per encoded batch
     pieces: list[np.ndarray] = []
     batch: list[str] = []
@@ -125,23 +137,27 @@ def _encode_shard(shard: str, tokenizer, vocab_size: int, report: Callable[[int,
         report(0, int(counts.sum()))
         batch, batch_lines = [], []
 
-    lines = iter_lines(shard, progress=lambda n: report(n, 0))
+    lines = iter_lines(shard, progress=lambda n: report(n, 0), max_record_bytes=max_record_bytes)
     while True:
         try:
             lineno, line = next(lines)
         except StopIteration:
             break
         except ShardError as err:
+            if not skip_bad:
+                raise
             # Replayed when loading: the live reader stops (or raises) at the same place.
-            unreadable = str(err)
+            unreadable, unreadable_as = str(err), unreadable_reason(err)
             break
-        if not line.strip():
+        if is_blank(line):
             kinds.append(_BLANK)
             continue
         where = f"{shard}:{lineno}"
         try:
             record = parse_record(line, where)
         except ShardError as err:
+            if not skip_bad:
+                raise
             kinds.append(_BAD)
             bad[str(lineno)] = str(err)[len(where) + 2 :]
             continue
@@ -174,6 +190,7 @@ def _encode_shard(shard: str, tokenizer, vocab_size: int, report: Callable[[int,
             "languages": languages,
             "bad": bad,
             "unreadable": unreadable,
+            "unreadable_reason": unreadable_as,  # how the live reader counts it ("empty file", ...)
         },
     }
 
@@ -219,14 +236,16 @@ def _is_fresh(meta: dict[str, Any] | None, identity: dict[str, Any], tok_hash: s
 _builder: dict[str, Any] = {}
 
 
-def _init_builder(tokenizer_path: str, progress_queue, sequential: bool) -> None:
+def _init_builder(tokenizer_path: str, progress_queue, sequential: bool, skip_bad: bool = True,
+                  max_record_bytes: int | None = MAX_RECORD_BYTES) -> None:
     if sequential:
         # Several builder processes already use every core: Rust threads in each would only
         # contend (one process per shard measured ~10% faster than one process with threads).
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer, _ = load_tokenizer_file(tokenizer_path)
     _builder.update(tokenizer=tokenizer, vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
-                    queue=progress_queue, tok_hash=tokenizer_hash(tokenizer_path))
+                    queue=progress_queue, tok_hash=tokenizer_hash(tokenizer_path), skip_bad=skip_bad,
+                    max_record_bytes=max_record_bytes)
 
 
 def _build_one(shard: str, entry: Path, force: bool) -> tuple[str, int, bool]:
@@ -237,19 +256,39 @@ def _build_one(shard: str, entry: Path, force: bool) -> tuple[str, int, bool]:
     if not force:
         with contextlib.suppress(TokenCacheError):
             meta = read_meta(entry)
-            if _is_fresh(meta, identity, tok_hash):
+            if _is_fresh(meta, identity, tok_hash) and (_builder["skip_bad"] or not _first_bad(meta)):
                 return shard, int(meta["num_tokens"]), False
     queue = _builder["queue"]
     report = (lambda b, t: queue.put((b, t))) if queue is not None else _builder["report"]
-    out = _encode_shard(shard, _builder["tokenizer"], _builder["vocab_size"], report)
+    out = _encode_shard(shard, _builder["tokenizer"], _builder["vocab_size"], report, skip_bad=_builder["skip_bad"],
+                        max_record_bytes=_builder["max_record_bytes"])
     meta = {"version": CACHE_VERSION, "tokenizer_sha256": tok_hash, "shard": identity, **out.pop("meta")}
     _write_entry(entry, out, meta)
     return shard, int(meta["num_tokens"]), True
 
 
+def _first_bad(meta: dict[str, Any]) -> str | None:
+    """The error of an entry's first bad line (or of its unreadable end), None for a clean shard."""
+    shard = meta["shard"]["path"]
+    if meta.get("bad"):
+        line = min(meta["bad"], key=int)
+        return f"{shard}:{line}: {meta['bad'][line]}"
+    return meta.get("unreadable") or None
+
+
+def _count_entry_bad(meta: dict[str, Any], counter: BadRecordCounter) -> None:
+    """Add an entry's bad lines (and an unreadable end) to ``counter``, by reason."""
+    shard = meta["shard"]["path"]
+    for line, reason in sorted(meta.get("bad", {}).items(), key=lambda kv: int(kv[0])):
+        counter.add(reason, f"{shard}:{line}")
+    if meta.get("unreadable"):
+        counter.add(meta.get("unreadable_reason") or "unreadable shard", meta["unreadable"])
+
+
 @dataclass
 class BuildSummary:
-    """What ``build_cache`` did."""
+    """What ``build_cache`` did; ``bad_records`` counts the bad lines skipped (``skip_bad``) in
+    all of the cache's entries, by reason."""
 
     shards: int
     built: int
@@ -257,11 +296,13 @@ class BuildSummary:
     tokens_built: int
     seconds: float
     folder: str
+    bad_records: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         rate = self.tokens_built / self.seconds if self.seconds > 0 else 0.0
         return {"shards": self.shards, "built": self.built, "reused": self.reused, "tokens_built": self.tokens_built,
-                "seconds": round(self.seconds, 2), "tokens_per_second": round(rate), "folder": self.folder}
+                "seconds": round(self.seconds, 2), "tokens_per_second": round(rate), "folder": self.folder,
+                "bad_records": self.bad_records}
 
 
 def build_cache(
@@ -273,8 +314,15 @@ def build_cache(
     force: bool = False,
     progress: bool = True,
     host: tuple[int, int] = (0, 1),
+    skip_bad: bool = False,
+    max_record_bytes: int | None = MAX_RECORD_BYTES,
 ) -> BuildSummary:
     """Tokenize every shard of ``source`` whose entry is missing or stale (all with ``force``).
+
+    A corrupt, truncated or empty shard, or a bad line (not JSON, no text, longer than
+    ``max_record_bytes``), raises ``ShardError`` naming it, so that a cache is never built over
+    data the loader would refuse; with ``skip_bad`` they are recorded in the entries (the loader
+    then counts and skips them as it does in the shards) and counted in ``bad_records``.
 
     Shards are built in ``workers`` processes (default: all cores; 1 = in this process, the
     tokenizer using its own threads). ``host = (i, P)``: host ``i`` of ``P`` starts at the
@@ -290,9 +338,12 @@ def build_cache(
     todo = []
     for shard in shards:
         try:
-            fresh = not force and _is_fresh(read_meta(entries[shard]), shard_identity(shard), tok_hash)
+            meta = read_meta(entries[shard])
+            fresh = not force and _is_fresh(meta, shard_identity(shard), tok_hash)
         except TokenCacheError:
             fresh = False  # damaged: rebuilt below
+        if fresh and not skip_bad and _first_bad(meta):
+            raise ShardError(_first_bad(meta))  # built earlier with skip_bad; this build refuses it
         if not fresh:
             todo.append(shard)
     k = host[0] * len(todo) // max(host[1], 1)
@@ -314,25 +365,33 @@ def build_cache(
 
     try:
         if workers == 1:
-            _init_builder(tokenizer_path, None, sequential=False)
+            _init_builder(tokenizer_path, None, False, skip_bad, max_record_bytes)
             _builder["report"] = advance
             for shard in todo:
                 _, n, fresh_built = _build_one(shard, entries[shard], force)
                 built, tokens = built + fresh_built, tokens + n * fresh_built
         else:
-            built, tokens = _build_in_pool(todo, entries, tokenizer_path, workers, force, advance)
+            built, tokens = _build_in_pool(todo, entries, tokenizer_path, workers, force, advance,
+                                           (skip_bad, max_record_bytes))
     finally:
         bar.close()
         _builder.clear()
+    bad = BadRecordCounter()
+    for shard in shards:
+        meta = read_meta(entries[shard])
+        if meta is not None:
+            _count_entry_bad(meta, bad)
     return BuildSummary(shards=len(shards), built=built, reused=len(shards) - built, tokens_built=tokens,
-                        seconds=time.perf_counter() - t0, folder=str(Path(cache_dir) / f"tok-{tok_hash[:16]}"))
+                        seconds=time.perf_counter() - t0, folder=str(Path(cache_dir) / f"tok-{tok_hash[:16]}"),
+                        bad_records=dict(bad.counts))
 
 
-def _build_in_pool(todo, entries, tokenizer_path, workers, force, advance) -> tuple[int, int]:
+def _build_in_pool(todo, entries, tokenizer_path, workers, force, advance, reading) -> tuple[int, int]:
+    """``reading``: ``(skip_bad, max_record_bytes)`` for every builder."""
     # spawn, not fork: callers (the trainer) run JAX threads, which fork would break.
     progress_queue = multiprocessing.get_context("spawn").Queue()
     built = tokens = 0
-    pool = WorkerProcesses(workers, _init_builder, (tokenizer_path, progress_queue, True), context="spawn")
+    pool = WorkerProcesses(workers, _init_builder, (tokenizer_path, progress_queue, True, *reading), context="spawn")
     try:
         for shard in todo:
             pool.submit(_build_one, shard, entries[shard], force)
@@ -418,7 +477,7 @@ class CachedUnit:
         if unreadable:
             if not skip_bad:
                 raise ShardError(unreadable)
-            count_bad(bad, "unreadable shard", unreadable)
+            count_bad(bad, self.meta.get("unreadable_reason") or "unreadable shard", unreadable)
 
 
 class TokenCache:
@@ -495,9 +554,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="cache folder (data.token_cache)")
     p.add_argument("--workers", type=int, default=None, help="builder processes (default: all cores)")
     p.add_argument("--force", action="store_true", help="rebuild entries that are already fresh")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="record and count bad lines and unreadable shards (the loader then skips them with "
+                        "data.skip_bad) instead of stopping")
+    p.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
+                   help=f"a line longer than this is a bad record (default {MAX_RECORD_BYTES})")
     args = p.parse_args(argv)
+    if args.max_record_bytes < 1:
+        p.error(f"--max-record-bytes {args.max_record_bytes}: must be >= 1")
     try:
-        summary = build_cache(args.data, args.tokenizer, args.out, workers=args.workers, force=args.force)
+        summary = build_cache(args.data, args.tokenizer, args.out, workers=args.workers, force=args.force,
+                              skip_bad=args.skip_bad, max_record_bytes=args.max_record_bytes)
     except (ShardError, TokenCacheError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

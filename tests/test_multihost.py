@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
 
 
-def _bash(script, *args, timeout=30):
+def _bash(script, *args, timeout=300):  # dry runs take a second; the bound is against a hang only
     return subprocess.run(["bash", str(ROOT / "run_scripts" / script), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
@@ -84,7 +84,9 @@ def _main(capsys, monkeypatch, env, *sets):
 def test_process_id_out_of_range_fails_at_once(capsys, monkeypatch):
     rc, err, took = _main(capsys, monkeypatch, {"CODENEO_COORDINATOR": "127.0.0.1:1", "CODENEO_NUM_PROCESSES": "2",
                                                 "CODENEO_PROCESS_ID": "5"})
-    assert rc == 2 and took < 30  # no coordinator contacted: only import time
+    # No coordinator contacted: only import time, far below the 300 s default join timeout (a
+    # generous bound: importing JAX on a loaded CI box takes long).
+    assert rc == 2 and took < 120
     assert err == "error: mesh.process_id: 5 is out of range for 2 processes (0..1)"
 
 
@@ -95,7 +97,7 @@ def test_unreachable_coordinator_fails_within_timeout(capsys, monkeypatch):
     rc, err, took = _main(capsys, monkeypatch, {"CODENEO_COORDINATOR": f"127.0.0.1:{port}",
                                                 "CODENEO_NUM_PROCESSES": "2", "CODENEO_PROCESS_ID": "1",
                                                 "CODENEO_INIT_TIMEOUT": "3"})
-    assert rc == 2 and took < 30, took
+    assert rc == 2 and took < 120, took  # the 3 s timeout, not the 300 s default (plus imports on a loaded box)
     assert len(err.splitlines()) == 1 and err.startswith(f"error: mesh.coordinator_address: 127.0.0.1:{port} "
                                                          "unreachable after 3 s"), err
 
@@ -104,7 +106,7 @@ def test_mesh_not_matching_devices_fails(capsys, monkeypatch, tiny_corpus, tmp_p
     data, tok = tiny_corpus
     rc, err, took = _main(capsys, monkeypatch, {}, f"run.output_dir={tmp_path}", f"tokenizer.path={tok}",
                           "mesh.data=16", "train.batch_size=16")
-    assert rc == 2 and took < 30
+    assert rc == 2 and took < 120
     assert err.startswith("error: mesh: data x fsdp x tensor = 16x1x1 = 16 devices, but 8 are available"), err
 
 
@@ -144,7 +146,7 @@ def two_process_run(tiny_corpus, tmp_path_factory):
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=600)[0])
+            outs.append(p.communicate(timeout=1200)[0])  # a bound against a hang: 2 processes on a loaded box
     finally:
         for p in procs:
             if p.poll() is None:

@@ -17,6 +17,7 @@ import pytest
 
 from data_processing.fim import infill_prompt
 from data_processing.tokens import FIM_TOKENS
+from tests.helpers import wait_until
 from train.evaluation.completion import replay
 
 PROMPTS = ["def add(a, b):\n    return", "import os\n", "class Foo:\n    def __init__(self", "x = 1\ny ="]
@@ -78,18 +79,24 @@ def server(hf_dir, tmp_path_factory):
                              "--queue-size", "32", "--api-key", "sk-test"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
+            return httpx.get(url + "/health", timeout=5).status_code == 200
         except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
+            return False
+
+    try:
+        # Loading and compiling take seconds on a laptop and minutes on a loaded CI box: wait for
+        # the condition (or the process dying), with a bound only against a hang.
+        wait_until(healthy, 300, "the server to report healthy")
+    except (RuntimeError, TimeoutError) as err:
         proc.kill()
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)
         log.seek(0)
-        raise RuntimeError(log.read().decode())
+        raise RuntimeError(f"{err}; its log:\n{log.read().decode()}") from None
     yield url, proc
     if proc.poll() is None:
         proc.kill()

@@ -7,6 +7,9 @@ import time
 import pytest
 
 from data_processing.workers import WorkerDiedError, WorkerProcesses
+from tests.helpers import wait_until
+
+HANG = 300  # seconds: a bound against a hang only; spawning workers on a loaded CI box can take long
 
 
 def _echo_after(value, delay):
@@ -44,14 +47,14 @@ def test_results_in_submission_order_and_errors_reraised(pool):
     delays = [0.3, 0.0, 0.1, 0.0, 0.2, 0.0, 0.05]  # later tasks finish first
     for i, d in enumerate(delays):
         pool.submit(_echo_after, i, d)
-    got = [pool.result(timeout=30) for _ in delays]
+    got = [pool.result(timeout=HANG) for _ in delays]
     assert [v for v, _ in got] == list(range(len(delays)))
     assert len({pid for _, pid in got}) == 3  # round-robin over the three workers
     pool.submit(_echo_after, "boom", 0.0)
     pool.submit(_echo_after, "after", 0.0)
     with pytest.raises(ValueError, match="bad task boom"):
-        pool.result(timeout=30)
-    assert pool.result(timeout=30)[0] == "after"  # an error does not stop the worker
+        pool.result(timeout=HANG)
+    assert pool.result(timeout=HANG)[0] == "after"  # an error does not stop the worker
     with pytest.raises(TimeoutError):
         pool.submit(_echo_after, "slow", 5.0)
         pool.result(timeout=0.1)
@@ -60,11 +63,11 @@ def test_results_in_submission_order_and_errors_reraised(pool):
 def test_discarded_results_are_never_returned(pool):
     for i in range(5):
         pool.submit(_echo_after, f"old{i}", 0.2)
-    pool.result(timeout=30)
+    pool.result(timeout=HANG)
     pool.discard_pending()  # e.g. the loader restored another position
     for i in range(4):
         pool.submit(_echo_after, f"new{i}", 0.0)
-    assert [pool.result(timeout=30)[0] for _ in range(4)] == ["new0", "new1", "new2", "new3"]
+    assert [pool.result(timeout=HANG)[0] for _ in range(4)] == ["new0", "new1", "new2", "new3"]
 
 
 def test_imap_and_starmap_in_order_and_an_abandoned_map_leaves_nothing_behind(pool):
@@ -79,23 +82,24 @@ def test_imap_and_starmap_in_order_and_an_abandoned_map_leaves_nothing_behind(po
 def test_worker_killed_while_idle_is_reported_and_close_returns(pool):
     """The case that deadlocked multiprocessing.Pool.terminate: an idle worker killed."""
     pool.submit(_echo_after, "warm", 0.0)  # worker 0 is up and idle afterwards
-    victim = pool.result(timeout=60)[1]
+    victim = pool.result(timeout=HANG)[1]
     os.kill(victim, signal.SIGKILL)
-    time.sleep(0.2)
+    dead = next(p for p in pool.processes if p.pid == victim)
+    wait_until(lambda: dead.exitcode is not None, HANG, "the killed worker to exit")  # idle and dead, for sure
     with pytest.raises(WorkerDiedError, match=str(victim)):
         for i in range(3):
             pool.submit(_echo_after, i, 0.0)  # task 3 goes to the dead worker 0: its send or its result fails
         for _ in range(3):
-            pool.result(timeout=30)
-    assert _closes_within(pool, 20)
+            pool.result(timeout=HANG)
+    assert _closes_within(pool, HANG)
     assert all(p.exitcode is not None for p in pool.processes)
 
 
 def test_close_with_tasks_in_flight_stops_every_worker():
     pool = WorkerProcesses(2, context="spawn")
     for i in range(4):
-        pool.submit(_echo_after, i, 30.0)  # busy for long
-    assert _closes_within(pool, 20)
+        pool.submit(_echo_after, i, 10 * HANG)  # busy for longer than the close may take: it must stop them
+    assert _closes_within(pool, HANG)
     assert all(p.exitcode is not None for p in pool.processes)
     pool.close()  # idempotent
 

@@ -1,8 +1,11 @@
 """Typed configuration: one frozen dataclass per section, loaded from YAML, overridable with
 ``--set section.key=value``, validated at load, and saved verbatim into every run directory.
 
-Every field has a default and a one-line comment. A wrong key, a wrong type or an impossible
-combination raises ``ConfigError`` whose message names the key and what was expected.
+Every field is declared with ``setting(default, rule)`` and a one-line comment: the ``Rule``
+beside the default is the one place that says which values the field allows (MaxText style), and
+``check_fields`` applies all of them at load. A wrong key, a wrong type, a value outside its rule
+(NaN and infinities included) or an impossible combination raises ``ConfigError`` whose one-line
+message names the key and what it allows. Nothing here imports JAX.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,38 +30,133 @@ class ConfigError(ValueError):
     """A configuration problem; the message starts with the offending key."""
 
 
+EVAL_METRICS = ("eval_loss", "perplexity")  # what an evaluation reports; checkpoint.keep_best picks one
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The allowed values of one field: a test, and the words that say what it allows."""
+
+    test: Callable[[Any], bool]
+    allowed: str  # completes "expected ...", e.g. "an integer >= 1"
+    choices: tuple[Any, ...] = ()  # the closed set of values, for rules that have one
+
+    def check(self, key: str, value: Any) -> None:
+        """Raise a one-line ``ConfigError`` naming ``key`` unless ``value`` is allowed."""
+        if not self.test(value):
+            raise ConfigError(f"{key}: expected {self.allowed}, got {value!r}")
+
+
+def at_least(low: int) -> Rule:
+    """Integers >= ``low``."""
+    return Rule(lambda v: v >= low, f"an integer >= {low}")
+
+
+def int_range(low: int, high: int) -> Rule:
+    """Integers in [low, high)."""
+    return Rule(lambda v: low <= v < high, f"an integer in [{low}, {high})")
+
+
+def greater(low: float) -> Rule:
+    """Finite numbers > ``low`` (NaN and infinities are refused by every number rule)."""
+    return Rule(lambda v: math.isfinite(v) and v > low, f"a finite number > {low}")
+
+
+def non_negative() -> Rule:
+    """Finite numbers >= 0."""
+    return Rule(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def fraction(*, closed: bool = True) -> Rule:
+    """Numbers in [0, 1] (``closed``) or [0, 1)."""
+    if closed:
+        return Rule(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    return Rule(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+
+
+def one_of(*choices: str) -> Rule:
+    """One of a closed set of strings."""
+    shown = ", ".join(repr(c) for c in choices)
+    return Rule(lambda v: v in choices, f"one of {shown}", choices)
+
+
+def items_of(*choices: str) -> Rule:
+    """A non-empty list whose items are each one of ``choices``."""
+    return Rule(lambda v: len(v) > 0 and all(x in choices for x in v),
+                f"a non-empty list of {', '.join(repr(c) for c in choices)}", choices)
+
+
+def non_empty() -> Rule:
+    """Any string but the empty one."""
+    return Rule(lambda v: v != "", "a non-empty string")
+
+
+def anything() -> Rule:
+    """Every value of the field's type (booleans, free-form names and paths); the type itself is
+    checked when the YAML is read."""
+    return Rule(lambda v: True, "any value of its type")
+
+
+def mesh_axis() -> Rule:
+    """A mesh axis size: a positive integer, or -1 for all remaining devices."""
+    return Rule(lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 (all remaining devices)")
+
+
+def host_port_or_empty() -> Rule:
+    """Empty, or ``HOST:PORT`` with a port in 1..65535."""
+
+    def test(v: str) -> bool:
+        host, sep, port = v.rpartition(":")
+        return v == "" or (bool(sep) and bool(host) and port.isdigit() and 1 <= int(port) <= 65535)
+
+    return Rule(test, "empty or HOST:PORT with a port in 1..65535")
+
+
+def setting(default: Any, rule: Rule) -> Any:
+    """A config field: its default and, in the field's metadata, the ``Rule`` of its allowed
+    values, checked at load (``check_fields``)."""
+    return field(default=default, metadata={"rule": rule})
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    output_dir: str = "runs/tiny"  # run directory: config.yaml, metrics.jsonl, checkpoints/
-    name: str = ""  # run name for wandb and reports; empty means the output folder's name
+    output_dir: str = setting("runs/tiny", non_empty())  # run directory: config.yaml, metrics.jsonl, checkpoints/
+    name: str = setting("", anything())  # run name for wandb and reports; empty means the output folder's name
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str = "gpt_neo"  # "gpt_neo" (no score scaling, local+global) or "gpt2" (scaled, all global)
-    vocab_size: int = 50257  # real vocabulary size incl. added tokens; 0 = take it from the tokenizer
-    vocab_multiple: int = 128  # embedding rows are padded to a multiple of this for speed
-    max_position_embeddings: int = 2048  # learned positions
-    hidden_size: int = 768  # model width D
-    num_layers: int = 12  # transformer blocks
-    num_heads: int = 12  # attention heads; must divide hidden_size
-    intermediate_size: int = 0  # MLP width; 0 means 4 * hidden_size
-    attention_layers: tuple[str, ...] = ("global", "local")  # pattern repeated over the layers
-    window_size: int = 256  # local layers attend to the last window_size positions (incl. self)
-    activation: str = "gelu_new"  # gelu_new (tanh approximation), gelu, relu
-    layer_norm_epsilon: float = 1e-5  # LayerNorm epsilon
-    tie_word_embeddings: bool = True  # output layer shares the input embedding
-    initializer_range: float = 0.02  # stddev of the normal initialiser
-    embed_dropout: float = 0.0  # dropout after the embeddings
-    attention_dropout: float = 0.0  # dropout on attention probabilities
-    resid_dropout: float = 0.0  # dropout on attention and MLP outputs
-    compute_dtype: str = "bfloat16"  # activations/matmuls; master weights stay param_dtype
-    param_dtype: str = "float32"  # master weights and optimizer state
-    residual_dtype: str = "compute"  # the residual stream: compute (= compute_dtype) or float32 (PyTorch autocast)
-    attention_impl: str = "blocked"  # einsum, blocked (local layers by window blocks), dot_product (XLA), cudnn
-    remat: str = "none"  # rematerialisation of blocks: none, full, dots (save matmul outputs)
-    loss_chunk_size: int = 0  # >0: output layer fused with the loss, this many positions at a time (bounds fp32 logits)
-    init_from: str = ""  # local Hugging Face folder to start from (fine-tuning); empty = from scratch
+    # "gpt_neo" (no score scaling, local+global) or "gpt2" (scaled, all global)
+    family: str = setting("gpt_neo", one_of("gpt_neo", "gpt2"))
+    vocab_size: int = setting(50257, at_least(0))  # real vocabulary incl. added tokens; 0 = take it from the tokenizer
+    vocab_multiple: int = setting(128, at_least(1))  # embedding rows are padded to a multiple of this for speed
+    max_position_embeddings: int = setting(2048, at_least(1))  # learned positions
+    hidden_size: int = setting(768, at_least(1))  # model width D
+    num_layers: int = setting(12, at_least(1))  # transformer blocks
+    num_heads: int = setting(12, at_least(1))  # attention heads; must divide hidden_size
+    intermediate_size: int = setting(0, at_least(0))  # MLP width; 0 means 4 * hidden_size
+    # pattern repeated over the layers
+    attention_layers: tuple[str, ...] = setting(("global", "local"), items_of("global", "local"))
+    window_size: int = setting(256, at_least(1))  # local layers attend to the last window_size positions (incl. self)
+    activation: str = setting("gelu_new", one_of("gelu_new", "gelu", "relu"))  # gelu_new = tanh approximation
+    layer_norm_epsilon: float = setting(1e-5, greater(0))  # LayerNorm epsilon
+    tie_word_embeddings: bool = setting(True, anything())  # output layer shares the input embedding
+    initializer_range: float = setting(0.02, greater(0))  # stddev of the normal initialiser
+    embed_dropout: float = setting(0.0, fraction(closed=False))  # dropout after the embeddings
+    attention_dropout: float = setting(0.0, fraction(closed=False))  # dropout on attention probabilities
+    resid_dropout: float = setting(0.0, fraction(closed=False))  # dropout on attention and MLP outputs
+    # activations/matmuls; master weights stay param_dtype
+    compute_dtype: str = setting("bfloat16", one_of("float32", "bfloat16", "float16"))
+    param_dtype: str = setting("float32", one_of("float32", "bfloat16"))  # master weights and optimizer state
+    # the residual stream: compute (= compute_dtype) or float32 (as PyTorch autocast keeps it)
+    residual_dtype: str = setting("compute", one_of("compute", "float32"))
+    # einsum, blocked (local layers by window blocks), dot_product (XLA), cudnn
+    attention_impl: str = setting("blocked", one_of("einsum", "blocked", "dot_product", "cudnn"))
+    # rematerialisation of blocks: none, full, dots (save matmul outputs)
+    remat: str = setting("none", one_of("none", "full", "dots"))
+    # >0: output layer fused with the loss, this many positions at a time (bounds fp32 logits)
+    loss_chunk_size: int = setting(0, at_least(0))
+    init_from: str = setting("", anything())  # local Hugging Face folder to start from (fine-tuning); empty = scratch
 
     @property
     def mlp_width(self) -> int:
@@ -80,89 +179,103 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_dir: str = "data/train"  # training shards: a folder, glob or fsspec URL
-    validation_dir: str = "data/validation"  # validation shards
-    block_size: int = 128  # tokens per training example (the loader packs block_size + 1)
-    shuffle_buffer: int = 1000  # documents held in the seeded shuffle buffer
-    num_workers: int = 1  # tokenizer worker processes
-    tokenize_batch: int = 256  # documents per tokenizer call
-    prefetch: int = 2  # batches prepared ahead of the step
-    skip_bad: bool = False  # count and skip unreadable records instead of stopping
-    eval_tokens: int = 262144  # held-out tokens per evaluation, drawn with train.seed across all validation shards
-    packing: str = "concat"  # concat: EOS-joined stream cut into blocks; windows: per-file sliding windows
-    window_stride: int = 0  # windows packing: tokens between window starts; 0 = block_size (no label overlap)
-    control_codes: bool = False  # prepend each document's language token (<|python|>, ...; Autocoder)
-    fim_rate: float = 0.0  # fraction of documents rearranged for fill-in-the-middle (Bavarian et al. 2022)
-    fim_spm_rate: float = 0.0  # of the fill-in-the-middle documents, the fraction in SPM order
-    token_cache: str = "auto"  # pre-tokenized shards (built on first start); auto = RUN_DIR/token_cache; empty = off
-    order: str = "global"  # global: one seeded order over the token cache, any host count; stream: streaming loader
-    host_split: str = "auto"  # hosts read whole shards (shards), every P-th line (lines), or shards if >= hosts
+    train_dir: str = setting("data/train", non_empty())  # training shards: a folder, glob or fsspec URL
+    validation_dir: str = setting("data/validation", non_empty())  # validation shards
+    block_size: int = setting(128, at_least(1))  # tokens per training example (the loader packs block_size + 1)
+    shuffle_buffer: int = setting(1000, at_least(1))  # documents held in the seeded shuffle buffer; 1 = no shuffle
+    num_workers: int = setting(1, at_least(1))  # tokenizer worker processes
+    tokenize_batch: int = setting(256, at_least(1))  # documents per tokenizer call
+    prefetch: int = setting(2, at_least(1))  # batches prepared ahead of the step
+    skip_bad: bool = setting(False, anything())  # count and skip unreadable records instead of stopping
+    # held-out tokens per evaluation, drawn with train.seed across all validation shards
+    eval_tokens: int = setting(262144, at_least(1))
+    # concat: EOS-joined stream cut into blocks; windows: per-file sliding windows
+    packing: str = setting("concat", one_of("concat", "windows"))
+    # windows packing: tokens between window starts; 0 = block_size (no label overlap); at most block_size
+    window_stride: int = setting(0, at_least(0))
+    control_codes: bool = setting(False, anything())  # prepend each document's language token (<|python|>, ...)
+    # fraction of documents rearranged for fill-in-the-middle (Bavarian et al. 2022)
+    fim_rate: float = setting(0.0, fraction())
+    fim_spm_rate: float = setting(0.0, fraction())  # of the fill-in-the-middle documents, the fraction in SPM order
+    # pre-tokenized shards, built on the first start; auto = RUN_DIR/token_cache; empty = off
+    token_cache: str = setting("auto", anything())
+    # global: one seeded order over the token cache, the same for any host count; stream: streaming loader
+    order: str = setting("global", one_of("global", "stream"))
+    # hosts read whole shards (shards), every P-th line (lines), or shards if >= hosts
+    host_split: str = setting("auto", one_of("auto", "shards", "lines"))
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    path: str = ""  # tokenizer folder (tokenizer.json); empty = the model.init_from folder
+    path: str = setting("", anything())  # tokenizer folder (tokenizer.json); empty = the model.init_from folder
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    learning_rate: float = 3e-5  # peak learning rate reached after warmup
-    b1: float = 0.9  # AdamW first-moment decay
-    b2: float = 0.95  # AdamW second-moment decay
-    eps: float = 1e-8  # AdamW epsilon
-    weight_decay: float = 0.1  # decoupled weight decay on matrices
-    decay_embeddings: bool = False  # also apply weight decay to wte/wpe
-    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
-    grad_accum_steps: int = 1  # micro-batches per step; 0 = batch_size / (per_device_batch_size x data devices)
+    learning_rate: float = setting(3e-5, greater(0))  # peak learning rate reached after warmup
+    b1: float = setting(0.9, fraction(closed=False))  # AdamW first-moment decay
+    b2: float = setting(0.95, fraction(closed=False))  # AdamW second-moment decay
+    eps: float = setting(1e-8, greater(0))  # AdamW epsilon
+    weight_decay: float = setting(0.1, non_negative())  # decoupled weight decay on matrices
+    decay_embeddings: bool = setting(False, anything())  # also apply weight decay to wte/wpe
+    clip_norm: float = setting(1.0, non_negative())  # global gradient-norm clip; 0 disables
+    # micro-batches per optimizer step (batch_size is split among them); 0 = batch_size / (per-device x data devices)
+    grad_accum_steps: int = setting(1, at_least(0))
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    warmup_steps: int = 2500  # linear warmup from 0 to the peak
-    decay_steps: int = 25000  # steps of decay after warmup; constant at the floor afterwards
-    decay: str = "linear"  # linear, cosine or constant
-    min_lr_ratio: float = 0.0  # floor as a fraction of the peak learning rate
-    allow_low_lr: bool = False  # accept > 5% of the post-warmup steps below 1% of the peak (refused otherwise)
+    warmup_steps: int = setting(2500, at_least(0))  # linear warmup from 0 to the peak
+    decay_steps: int = setting(25000, at_least(0))  # steps of decay after warmup; constant at the floor afterwards
+    decay: str = setting("linear", one_of("linear", "cosine", "constant"))  # shape of the decay
+    min_lr_ratio: float = setting(0.0, fraction())  # floor as a fraction of the peak learning rate
+    # accept more than 5% of the post-warmup steps below 1% of the peak (refused otherwise)
+    allow_low_lr: bool = setting(False, anything())
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 100000  # optimizer steps
-    batch_size: int = 0  # global batch in sequences; 0 means per_device_batch_size * devices
-    per_device_batch_size: int = 8  # used when batch_size is 0
-    seed: int = 0  # parameter init, dropout and data order
-    save_every: int = 1000  # checkpoint interval in steps
-    eval_every: int = 1000  # evaluation interval in steps; 0 disables
-    eval_at_start: bool = False  # also evaluate the initial model (step 0) of a fresh run
-    log_every: int = 10  # metrics interval in steps
-    humaneval_every: int = 0  # HumanEval quick check interval; 0 disables
-    humaneval_tasks: int = 20  # problems sampled (seeded) for each in-training HumanEval check
-    humaneval_samples: int = 1  # completions per problem in that check (pass@k for k <= samples)
+    max_steps: int = setting(100000, at_least(0))  # optimizer steps
+    batch_size: int = setting(0, at_least(0))  # global batch in sequences; 0 means per_device_batch_size * devices
+    per_device_batch_size: int = setting(8, at_least(1))  # used when batch_size is 0
+    # parameter init, dropout and data order (numpy seeds must be >= 0; JAX keys take 32 bits)
+    seed: int = setting(0, int_range(0, 2**32))
+    save_every: int = setting(1000, at_least(1))  # checkpoint interval in steps
+    eval_every: int = setting(1000, at_least(0))  # evaluation interval in steps; 0 disables
+    eval_at_start: bool = setting(False, anything())  # also evaluate the initial model (step 0) of a fresh run
+    log_every: int = setting(10, at_least(1))  # metrics interval in steps
+    humaneval_every: int = setting(0, at_least(0))  # HumanEval quick check interval; 0 disables
+    humaneval_tasks: int = setting(20, at_least(1))  # problems sampled (seeded) for each in-training HumanEval check
+    humaneval_samples: int = setting(1, at_least(1))  # completions per problem in that check (pass@k, k <= samples)
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # data-parallel axis size; -1 takes all remaining devices
-    fsdp: int = 1  # parameter-sharded data-parallel axis size
-    tensor: int = 1  # tensor-parallel axis size (heads, MLP, vocab)
-    coordinator_address: str = ""  # multi-host: host:port of process 0; empty = auto-detect/single
-    num_processes: int = 0  # multi-host: number of processes; 0 = auto-detect
-    process_id: int = -1  # multi-host: this process; -1 = auto-detect
-    init_timeout_s: int = 300  # multi-host: give up joining the coordinator after this many seconds
+    data: int = setting(-1, mesh_axis())  # data-parallel axis size; -1 takes all remaining devices
+    fsdp: int = setting(1, mesh_axis())  # parameter-sharded data-parallel axis size
+    tensor: int = setting(1, mesh_axis())  # tensor-parallel axis size (heads, MLP, vocab)
+    # multi-host: host:port of process 0; empty = auto-detect/single
+    coordinator_address: str = setting("", host_port_or_empty())
+    num_processes: int = setting(0, at_least(0))  # multi-host: number of processes; 0 = auto-detect
+    process_id: int = setting(-1, at_least(-1))  # multi-host: this process; -1 = auto-detect
+    # multi-host: give up joining the coordinator after this many seconds
+    init_timeout_s: int = setting(300, at_least(1))
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    keep: int = 3  # most recent checkpoints kept
-    async_save: bool = True  # write checkpoints in the background while training continues
-    keep_best: str = ""  # metric to also keep the best checkpoint by (e.g. eval_loss); empty = off
+    keep: int = setting(3, at_least(1))  # most recent checkpoints kept
+    async_save: bool = setting(True, anything())  # write checkpoints in the background while training continues
+    # metric to also keep the best (lowest) checkpoint by; empty = off
+    keep_best: str = setting("", one_of("", *EVAL_METRICS))
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    wandb_mode: str = "offline"  # offline (no account needed), online, or disabled
-    wandb_project: str = "codeneo"  # wandb project name
-    progress: bool = True  # show a progress bar on the console
+    # offline (no account needed), online, or disabled
+    wandb_mode: str = setting("offline", one_of("offline", "online", "disabled"))
+    wandb_project: str = setting("codeneo", non_empty())  # wandb project name
+    progress: bool = setting(True, anything())  # show a progress bar on the console
 
 
 @dataclass(frozen=True)
@@ -179,20 +292,28 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-CHOICES = {
-    "model.family": ("gpt_neo", "gpt2"),
-    "model.activation": ("gelu_new", "gelu", "relu"),
-    "model.compute_dtype": ("float32", "bfloat16", "float16"),
-    "model.residual_dtype": ("compute", "float32"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("einsum", "blocked", "dot_product", "cudnn"),
-    "model.remat": ("none", "full", "dots"),
-    "data.packing": ("concat", "windows"),
-    "data.host_split": ("auto", "shards", "lines"),
-    "data.order": ("global", "stream"),
-    "schedule.decay": ("linear", "cosine", "constant"),
-    "logging.wandb_mode": ("offline", "online", "disabled"),
-}
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def field_rules() -> dict[str, Rule | None]:
+    """``{"section.key": Rule}`` for every field of every section (None: a field without a rule)."""
+    rules: dict[str, Rule | None] = {}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory):  # type: ignore[misc]
+            rules[f"{section.name}.{f.name}"] = f.metadata.get("rule")
+    return rules
+
+
+# The closed sets of values, by key (benchmarks sweep over them).
+CHOICES = {key: rule.choices for key, rule in field_rules().items() if rule is not None and rule.choices}
+
+
+def check_fields(cfg: Config) -> None:
+    """Check every field against its ``Rule``; the first bad one raises ``ConfigError``."""
+    for key, rule in field_rules().items():
+        if rule is not None:
+            section, name = key.split(".")
+            rule.check(key, getattr(getattr(cfg, section), name))
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -284,96 +405,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need more than one field. Device-count checks live in ``validate_for_devices``."""
-    for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
-    m = cfg.model
-    positive = {
-        "model.vocab_multiple": m.vocab_multiple,
-        "model.hidden_size": m.hidden_size,
-        "model.num_layers": m.num_layers,
-        "model.num_heads": m.num_heads,
-        "model.max_position_embeddings": m.max_position_embeddings,
-        "model.window_size": m.window_size,
-        "data.block_size": cfg.data.block_size,
-        "data.num_workers": cfg.data.num_workers,
-        "data.tokenize_batch": cfg.data.tokenize_batch,
-        "data.eval_tokens": cfg.data.eval_tokens,
-        "train.log_every": cfg.train.log_every,
-        "train.save_every": cfg.train.save_every,
-        "checkpoint.keep": cfg.checkpoint.keep,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: expected a positive integer, got {value}")
-    if cfg.optimizer.grad_accum_steps < 0:
-        raise ConfigError(f"optimizer.grad_accum_steps: expected >= 0 (0 = from the batch and devices), "
-                          f"got {cfg.optimizer.grad_accum_steps}")
-    d = cfg.data
-    for key in ("fim_rate", "fim_spm_rate"):
-        if not 0.0 <= getattr(d, key) <= 1.0:
-            raise ConfigError(f"data.{key}: expected a fraction in [0, 1], got {getattr(d, key)}")
-    if not 0 <= d.window_stride <= d.block_size:
+    """Every field against its rule, then the checks that need more than one field.
+    Device-count checks live in ``validate_for_devices``."""
+    check_fields(cfg)
+    m, d = cfg.model, cfg.data
+    if d.window_stride > d.block_size:
         raise ConfigError(f"data.window_stride: expected 0..block_size ({d.block_size}), got {d.window_stride}")
-    if m.vocab_size < 0:
-        raise ConfigError(f"model.vocab_size: expected >= 0 (0 = from the tokenizer), got {m.vocab_size}")
     if m.hidden_size % m.num_heads:
         raise ConfigError(
             f"model.num_heads: {m.num_heads} heads do not divide model.hidden_size={m.hidden_size}"
         )
-    bad_kinds = [k for k in m.attention_layers if k not in ("global", "local")]
-    if not m.attention_layers or bad_kinds:
-        raise ConfigError(
-            f"model.attention_layers: expected a list of 'global'/'local', got {m.attention_layers!r}"
-        )
     if m.family == "gpt2" and "local" in m.attention_layers:
         raise ConfigError("model.attention_layers: GPT-2 has only global attention layers")
-    if cfg.data.block_size > m.max_position_embeddings:
+    if d.block_size > m.max_position_embeddings:
         raise ConfigError(
-            f"data.block_size: {cfg.data.block_size} exceeds model.max_position_embeddings="
+            f"data.block_size: {d.block_size} exceeds model.max_position_embeddings="
             f"{m.max_position_embeddings}"
         )
-    for key in ("embed_dropout", "attention_dropout", "resid_dropout"):
-        if not 0.0 <= getattr(m, key) < 1.0:
-            raise ConfigError(f"model.{key}: expected a rate in [0, 1), got {getattr(m, key)}")
     if m.attention_impl in ("dot_product", "cudnn") and m.attention_dropout > 0:
         raise ConfigError("model.attention_dropout: jax.nn.dot_product_attention has no dropout; "
                           "use model.attention_impl einsum or blocked, or attention_dropout 0")
     if m.attention_impl == "cudnn" and m.compute_dtype == "float32":
         raise ConfigError("model.attention_impl: cudnn (flash attention) needs compute_dtype bfloat16 or "
                           "float16, got float32")
-    if m.loss_chunk_size < 0:
-        raise ConfigError(f"model.loss_chunk_size: expected >= 0, got {m.loss_chunk_size}")
-    t = cfg.train
-    if t.max_steps < 0:
-        raise ConfigError(f"train.max_steps: expected >= 0, got {t.max_steps}")
-    if t.batch_size < 0 or t.per_device_batch_size <= 0:
-        raise ConfigError("train.batch_size: expected >= 0 (0 = per_device_batch_size x devices)")
-    if t.eval_every < 0 or t.humaneval_every < 0:
-        raise ConfigError("train.eval_every: expected >= 0 (0 disables)")
-    s = cfg.schedule
-    if s.warmup_steps < 0 or s.decay_steps < 0:
-        raise ConfigError("schedule.warmup_steps: warmup and decay steps must be >= 0")
-    if not 0.0 <= s.min_lr_ratio <= 1.0:
-        raise ConfigError(f"schedule.min_lr_ratio: expected a fraction in [0, 1], got {s.min_lr_ratio}")
-    o = cfg.optimizer
-    if o.learning_rate <= 0:
-        raise ConfigError(f"optimizer.learning_rate: expected > 0, got {o.learning_rate}")
-    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
-        raise ConfigError("optimizer.b1: b1 and b2 must lie in [0, 1)")
-    for key in ("data", "fsdp", "tensor"):
-        value = getattr(cfg.mesh, key)
-        if value == 0 or value < -1:
-            raise ConfigError(f"mesh.{key}: expected a positive size or -1 (all remaining), got {value}")
-    if cfg.mesh.fsdp == -1 and cfg.mesh.data == -1:
+    mesh = cfg.mesh
+    if mesh.fsdp == -1 and mesh.data == -1:
         raise ConfigError("mesh.fsdp: only one mesh axis may be -1")
-    if m.num_heads % max(cfg.mesh.tensor, 1):
-        raise ConfigError(f"mesh.tensor: {cfg.mesh.tensor} does not divide model.num_heads={m.num_heads}")
-    if m.mlp_width % max(cfg.mesh.tensor, 1):
-        raise ConfigError(f"mesh.tensor: {cfg.mesh.tensor} does not divide the MLP width {m.mlp_width}")
+    if m.num_heads % max(mesh.tensor, 1):
+        raise ConfigError(f"mesh.tensor: {mesh.tensor} does not divide model.num_heads={m.num_heads}")
+    if m.mlp_width % max(mesh.tensor, 1):
+        raise ConfigError(f"mesh.tensor: {mesh.tensor} does not divide the MLP width {m.mlp_width}")
+    if mesh.num_processes and mesh.process_id >= mesh.num_processes:
+        raise ConfigError(f"mesh.process_id: expected -1 (auto) or 0..{mesh.num_processes - 1} "
+                          f"(mesh.num_processes={mesh.num_processes}), got {mesh.process_id}")
     if not cfg.tokenizer.path and not m.init_from:
         raise ConfigError("tokenizer.path: required (a folder from python -m tokenizer.train_tokenizer) "
                           "unless model.init_from names a Hugging Face folder")
@@ -422,11 +486,11 @@ def validate_for_devices(cfg: Config, device_count: int) -> tuple[int, int, int]
     dp = data * fsdp
     accum = grad_accum_steps(cfg, device_count)
     if batch % accum:
-        raise ConfigError(f"train.batch_size: {batch} is not divisible by optimizer.grad_accum_steps={accum}")
+        raise ConfigError(f"train.batch_size: expected a multiple of optimizer.grad_accum_steps={accum}, got {batch}")
     if (batch // accum) % dp:
         raise ConfigError(
-            f"train.batch_size: micro-batch {batch // accum} is not divisible by the data-parallel size "
-            f"{dp} (mesh.data x mesh.fsdp)"
+            f"train.batch_size: expected a multiple of {dp * accum} (data-parallel size {dp} = mesh.data x "
+            f"mesh.fsdp on {device_count} devices, x optimizer.grad_accum_steps={accum}), got {batch}"
         )
     return data, fsdp, tensor
 

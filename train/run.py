@@ -105,7 +105,7 @@ def ensure_token_cache(cfg: C.Config, folder: str) -> None:
     (every process; hosts sharing the folder start at different shards and skip finished ones)."""
     from data_processing.token_cache import build_cache
 
-    summary = build_cache(cfg.data.train_dir, cfg.tokenizer.path, folder,
+    summary = build_cache(cfg.data.train_dir, cfg.tokenizer.path, folder, skip_bad=cfg.data.skip_bad,
                           progress=cfg.logging.progress and jax.process_index() == 0,
                           host=(jax.process_index(), jax.process_count()))
     if summary.built and jax.process_index() == 0:
@@ -300,7 +300,8 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
         except ValueError as err:  # a state written by the other loader, or by another corpus
             loader.close()
             raise TrainingError(f"{run_dir}: cannot continue the saved data position: {err}") from err
-    writer = MetricsWriter(run_dir, cfg, active=is_main)
+    # Records a lost attempt wrote after the restored step are dropped: each step is logged once.
+    writer = MetricsWriter(run_dir, cfg, active=is_main, resume_step=step)
     throughput = _throughput(cfg)
     progress = _progress(cfg, is_main, step)
 

@@ -26,9 +26,17 @@ same kept set.
 
 from data_processing.dedup.cli import main
 from data_processing.dedup.local import DedupResult, Workers, plan_dedup, write_kept
-from data_processing.dedup.params import BATCH_BYTES, BATCH_RECORDS, DedupParams, map_signatures, normalise_whitespace
+from data_processing.dedup.params import (
+    BATCH_BYTES,
+    BATCH_RECORDS,
+    DedupParams,
+    exact_hash,
+    map_signatures,
+    normalise_whitespace,
+)
 from data_processing.dedup.stages import UnionFind, candidate_stage, cluster_stage, exact_stage, survivor_ranks
 
 __all__ = ["BATCH_BYTES", "BATCH_RECORDS", "DedupParams", "DedupResult", "UnionFind", "Workers", "candidate_stage",
+           "exact_hash",
            "cluster_stage", "exact_stage", "main", "map_signatures", "normalise_whitespace", "plan_dedup",
            "survivor_ranks", "write_kept"]

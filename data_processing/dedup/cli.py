@@ -17,7 +17,7 @@ from pathlib import Path
 from data_processing.atomic import write_json_atomic
 from data_processing.dedup.local import Workers, plan_dedup, write_kept
 from data_processing.dedup.params import DedupParams
-from data_processing.shards import ShardError, list_shards
+from data_processing.shards import MAX_RECORD_BYTES, ShardError, list_shards
 
 
 def _spark_conf(items: list[str]) -> dict[str, str]:
@@ -48,10 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores; local engine)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad records instead of stopping")
+    p.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
+                   help=f"a line longer than this is a bad record, never read whole (default {MAX_RECORD_BYTES})")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
     if not 0 < args.threshold <= 1:
         p.error(f"--threshold {args.threshold}: must be in (0, 1]")
+    if args.max_record_bytes < 1:
+        p.error(f"--max-record-bytes {args.max_record_bytes}: must be >= 1")
+    if args.engine == "spark" and args.max_record_bytes != MAX_RECORD_BYTES:
+        p.error(f"--max-record-bytes: the spark engine reads with the default limit {MAX_RECORD_BYTES} only")
     params = DedupParams(args.threshold, args.num_perm, args.bands, args.rows, args.seed)
     if args.engine == "spark":
         return _main_spark(args, params)
@@ -61,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         against = list_shards(args.against) if args.against else []
         with Workers(args.workers) as pool:
             result = plan_dedup(paths, params, skip_bad=args.skip_bad, pool=pool, progress=not args.quiet,
-                                against=against)
-            write_kept(result, args.output, skip_bad=args.skip_bad, pool=pool)
+                                against=against, max_record_bytes=args.max_record_bytes)
+            write_kept(result, args.output, skip_bad=args.skip_bad, pool=pool, max_record_bytes=args.max_record_bytes)
     except ShardError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from data_processing import minhash
 from data_processing.dedup.params import BATCH_BYTES, BATCH_RECORDS, DedupParams, map_shingles, map_signatures
 from data_processing.dedup.report import DedupCounts, FilesBytes, build_report
 from data_processing.dedup.stages import candidate_stage, cluster_stage, exact_stage, survivor_ranks
-from data_processing.shards import BadRecordCounter, ShardWriter, iter_records
+from data_processing.shards import MAX_RECORD_BYTES, BadRecordCounter, ShardWriter, iter_records
 from data_processing.workers import WorkerDiedError, WorkerProcesses
 
 
@@ -89,14 +89,14 @@ class Workers:
 
 
 def _batches(paths: Sequence[str], skip_bad: bool, bad: BadRecordCounter | None, sink: Callable | None = None,
-             wanted: set[int] | None = None) -> Iterator[list[str]]:
+             wanted: set[int] | None = None, max_record_bytes: int | None = MAX_RECORD_BYTES) -> Iterator[list[str]]:
     """Texts of all records in (shard, index) order, in batches; ``sink(shard, idx, record)``
     sees each record first. With ``wanted`` only records whose global index is in it are sent."""
     batch: list[str] = []
     size = 0
     gid = 0
     for s, path in enumerate(paths):
-        for i, record in enumerate(iter_records(path, skip_bad=skip_bad, bad=bad)):
+        for i, record in enumerate(iter_records(path, skip_bad=skip_bad, bad=bad, max_record_bytes=max_record_bytes)):
             if sink is not None:
                 sink(s, i, record)
             if wanted is None or gid in wanted:
@@ -123,7 +123,7 @@ class _Signed:
 
 
 def _sign(paths: list[str], params: DedupParams, pool: Workers, skip_bad: bool, bad: BadRecordCounter,
-          progress: bool) -> _Signed:
+          progress: bool, max_record_bytes: int | None) -> _Signed:
     """Stage 1: map signatures (spread over the pool; ordered results keep determinism)."""
     t0 = time.perf_counter()
     keys: list[tuple[str, str, int, int]] = []
@@ -143,7 +143,7 @@ def _sign(paths: list[str], params: DedupParams, pool: Workers, skip_bad: bool, 
     fn = partial(map_signatures, num_perm=params.num_perm, seed=params.seed, k=params.shingle_words)
     exact_parts, sig_parts = [], []
     with tqdm(desc="dedup signatures", unit=" files", disable=None if progress else True) as bar:
-        for exact, sigs in pool.imap(fn, _batches(paths, skip_bad, bad, sink)):
+        for exact, sigs in pool.imap(fn, _batches(paths, skip_bad, bad, sink, max_record_bytes=max_record_bytes)):
             exact_parts.append(exact)
             sig_parts.append(sigs)
             bar.update(len(exact))
@@ -155,7 +155,8 @@ def _sign(paths: list[str], params: DedupParams, pool: Workers, skip_bad: bool, 
     )
 
 
-def _verify(paths: list[str], pairs: np.ndarray, params: DedupParams, pool: Workers) -> tuple[list, int]:
+def _verify(paths: list[str], pairs: np.ndarray, params: DedupParams, pool: Workers,
+            max_record_bytes: int | None) -> tuple[list, int]:
     """Stage 4: verify candidates on exact shingle sets, recomputed for candidates only and
     streamed in input order: a pair (a, b), a < b, is verified as soon as b arrives, and a set
     is dropped after its last partner, so only "open" candidates are held. Returns the verified
@@ -177,7 +178,8 @@ def _verify(paths: list[str], pairs: np.ndarray, params: DedupParams, pool: Work
     it = iter(cand_list)
     shingles: dict[int, np.ndarray] = {}
     fn = partial(map_shingles, k=params.shingle_words)
-    for sets in pool.imap(fn, _batches(paths, True, None, wanted=set(cand_list))):
+    batches = _batches(paths, True, None, wanted=set(cand_list), max_record_bytes=max_record_bytes)
+    for sets in pool.imap(fn, batches):
         for s in sets:
             gid = next(it)
             shingles[gid] = s
@@ -227,12 +229,14 @@ def plan_dedup(
     pool: Workers | None = None,
     progress: bool = True,
     against: Sequence[str] = (),
+    max_record_bytes: int | None = MAX_RECORD_BYTES,
 ) -> DedupResult:
     """Run stages 1-5 over ``paths`` and decide which records survive (nothing is written).
 
     ``against``: shards of an existing (deduplicated) corpus. They go through the same stages
     ahead of ``paths`` and outrank every new record, so a new record survives only when it is
-    neither an exact nor a near duplicate of an old one (nor of a surviving new one)."""
+    neither an exact nor a near duplicate of an old one (nor of a surviving new one). A line over
+    ``max_record_bytes`` is a bad record (pass the same limit to ``write_kept``)."""
     params = (params or DedupParams()).resolved()
     against = list(against)
     paths = against + list(paths)
@@ -241,7 +245,7 @@ def plan_dedup(
     pool = pool or Workers(workers)
     t = [time.perf_counter()]
     try:
-        signed = _sign(paths, params, pool, skip_bad, bad, progress)
+        signed = _sign(paths, params, pool, skip_bad, bad, progress, max_record_bytes)
         rank = survivor_ranks(signed.keys, sum(signed.shard_counts[:len(against)]))
         t.append(time.perf_counter())
         # Stage 2: shuffle by exact hash; the lowest-ranked record of each group survives.
@@ -250,7 +254,7 @@ def plan_dedup(
         # Stage 3: band keys of exact survivors, shuffled into buckets -> candidate pairs.
         pairs = candidate_stage(signed.sigs, exact_keep, params.bands, params.rows, rank)
         t.append(time.perf_counter())
-        verified, peak_sets = _verify(paths, pairs, params, pool)
+        verified, peak_sets = _verify(paths, pairs, params, pool, max_record_bytes)
         t.append(time.perf_counter())
         # Stage 5: union-find clusters; each root is its cluster's survivor.
         n = len(signed.keys)
@@ -316,24 +320,26 @@ def _report(signed: _Signed, params: DedupParams, bad: BadRecordCounter, rank, r
     return build_report(counts, params, "local")
 
 
-def _filter_shard(src: str, dst: str, kept: list[int], skip_bad: bool) -> tuple[int, int]:
+def _filter_shard(src: str, dst: str, kept: list[int], skip_bad: bool,
+                  max_record_bytes: int | None = MAX_RECORD_BYTES) -> tuple[int, int]:
     wanted = set(kept)
     with ShardWriter(dst) as writer:
-        for i, record in enumerate(iter_records(src, skip_bad=skip_bad)):
+        for i, record in enumerate(iter_records(src, skip_bad=skip_bad, max_record_bytes=max_record_bytes)):
             if i in wanted:
                 writer.write(record)
     return writer.count, writer.bytes_written
 
 
 def write_kept(result: DedupResult, out_dir: str | os.PathLike, *, skip_bad: bool = False,
-               pool: Workers | None = None) -> list[str]:
+               pool: Workers | None = None, max_record_bytes: int | None = MAX_RECORD_BYTES) -> list[str]:
     """Stage 6: write kept records of input shard ``i`` to ``out_dir/dedup-{i:05d}.jsonl.zst``
     (one map task per shard; ``--against`` shards are not inputs and are not written), and delete
     stale ``dedup-*`` shards of an earlier run."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     skip = result.against_shards  # the existing corpus is read, never rewritten
-    tasks = [(src, str(out / f"dedup-{s - skip:05d}.jsonl.zst"), result.kept_indices(s).tolist(), skip_bad)
+    tasks = [(src, str(out / f"dedup-{s - skip:05d}.jsonl.zst"), result.kept_indices(s).tolist(), skip_bad,
+              max_record_bytes)
              for s, src in enumerate(result.paths) if s >= skip]
     own = pool is None
     pool = pool or Workers(1)

@@ -91,15 +91,24 @@ class Throughput:
 class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl`` and mirrors to wandb.
 
-    Only process 0 writes (the others get an inactive writer), so a pod run has one log."""
+    Only process 0 writes (the others get an inactive writer), so a pod run has one log.
 
-    def __init__(self, run_dir: str | os.PathLike, cfg: Config, active: bool = True):
+    ``resume_step``: the step the run (re)starts from (0 for a fresh start). Every record of a
+    step after it, left by an attempt that got further than its last checkpoint before it died,
+    is dropped when the writer opens (``truncate_after``), so that the log holds each step's
+    records once: those the run keeps, not those it lost. None leaves the file as it is.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, cfg: Config, active: bool = True, *,
+                 resume_step: int | None = None):
         self.active = active
         self.path = Path(run_dir) / "metrics.jsonl"
         self._wandb = None
         if not active:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self.truncate_after(resume_step)
         if cfg.logging.wandb_mode != "disabled":
             import wandb
 
@@ -110,6 +119,13 @@ class MetricsWriter:
                 dir=str(Path(run_dir)), mode=cfg.logging.wandb_mode, config=to_dict(cfg), resume="allow",
                 id=_wandb_id(run_dir),
             )
+
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after ``step`` (and a line torn by a crash mid-write) from
+        ``metrics.jsonl``; returns how many lines were dropped. A no-op for an inactive writer."""
+        if not self.active:
+            return 0
+        return truncate_metrics(self.path, step)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.active:
@@ -124,6 +140,45 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def truncate_metrics(path: str | os.PathLike, step: int) -> int:
+    """Rewrite the metrics file ``path`` without the records whose ``step`` is after ``step``,
+    nor lines that are not JSON (the last line of a crash mid-write); returns how many lines
+    were dropped. Records without a step are kept. The new file is written beside the old one
+    and renamed over it, so a crash here leaves one of the two whole; nothing is rewritten when
+    nothing is dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept: list[str] = []
+    dropped = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            at = record.get("step") if isinstance(record, dict) else None
+            if isinstance(at, (int, float)) and at > step:
+                dropped += 1
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return dropped
 
 
 def _wandb_id(run_dir) -> str:
