@@ -37,10 +37,8 @@ class EncodeOptions:
     seed: int = 0  # seeds the per-document fill-in-the-middle draws (with each document's key)
 
     def __post_init__(self):
-        for name in ("fim_rate", "fim_spm_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"data.{name}: expected a fraction in [0, 1], got {value}")
+        # The ranges of the config values (fractions, stride <= block) are checked once, at config
+        # load (train/config.py); this is the options' own consistency.
         if self.window and not 0 < self.stride < self.window:
             raise ValueError(f"data.window_stride: expected 1..{self.window - 1} tokens, got {self.stride}")
 

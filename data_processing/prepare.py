@@ -132,18 +132,10 @@ def prepare(
                                           max_record_bytes=max_record_bytes)
 
     stream = ingest.capped(records(), max_files=max_files, max_bytes=max_bytes)
-    license_policy = license_policy or licenses.LicensePolicy()
-    lstats = licenses.LicenseStats()
-    stream = licenses.filter_records(stream, license_policy, lstats)
-    if progress:
-        stream = ingest.progress(stream, "ingest+filter")
-    kept = filters.filter_records(stream, filter_config, fstats)
-    rstats = redact.RedactStats()
-    if redact_pii:  # after the filters (nothing is redacted that is dropped), before dedup
-        kept = redact.redact_records(kept, rstats)
-    with ShardSetWriter(work / "filtered", "filtered", max_bytes=shard_bytes) as writer:
-        for record in kept:
-            writer.write(record)
+    lstats, rstats = licenses.LicenseStats(), redact.RedactStats()
+    writer = _filter_to_shards(stream, work / "filtered", shard_bytes, progress=progress,
+                               license_policy=license_policy or licenses.LicensePolicy(), lstats=lstats,
+                               filter_config=filter_config, fstats=fstats, redact_pii=redact_pii, rstats=rstats)
     paths = writer.paths
     if not writer.count:
         shutil.rmtree(work, ignore_errors=True)
@@ -156,6 +148,52 @@ def prepare(
         result = plan_dedup(paths, dedup_params, pool=pool, progress=progress, max_record_bytes=None)
     t2 = time.perf_counter()
 
+    split, languages = _write_split(out, paths, result, validation_fraction, seed, shard_bytes, istats)
+    shutil.rmtree(work, ignore_errors=True)
+    t3 = time.perf_counter()
+
+    report = {
+        "version": REPORT_VERSION,
+        "sources": [*sources, *(hf_data_files or []), *([hf_dataset] if hf_dataset else []), *(shards or [])],
+        "params": {
+            "depth": depth, "validation_fraction": validation_fraction, "seed": seed,
+            "max_files": max_files, "max_bytes": max_bytes, "shard_size_mb": shard_size_mb,
+            "filters": asdict(filter_config), "dedup": asdict(dedup_params), "redact": redact_pii,
+        },
+        "ingest": istats.as_dict(),
+        "bad_records": dict(bad.counts),
+        "licenses": lstats.as_dict(),
+        "filters": fstats.as_dict(),
+        "redact": rstats.as_dict() if redact_pii else {"enabled": False},
+        "dedup": result.report,
+        "split": split,
+        "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1]["train"]["bytes"])),
+        "seconds": {"ingest_filter": t1 - t0, "dedup": t2 - t1, "split_write": t3 - t2, "total": t3 - t0},
+    }
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def _filter_to_shards(stream, folder: Path, shard_bytes: int, *, progress: bool, license_policy, lstats,
+                      filter_config, fstats, redact_pii: bool, rstats) -> ShardSetWriter:
+    """License filter -> quality filters -> redaction, streamed into intermediate shards (texts
+    are never all in memory); returns the closed writer (its paths and count)."""
+    stream = licenses.filter_records(stream, license_policy, lstats)
+    if progress:
+        stream = ingest.progress(stream, "ingest+filter")
+    kept = filters.filter_records(stream, filter_config, fstats)
+    if redact_pii:  # after the filters (nothing is redacted that is dropped), before dedup
+        kept = redact.redact_records(kept, rstats)
+    with ShardSetWriter(folder, "filtered", max_bytes=shard_bytes) as writer:
+        for record in kept:
+            writer.write(record)
+    return writer
+
+
+def _write_split(out: Path, paths: list[str], result, validation_fraction: float, seed: int, shard_bytes: int,
+                 istats: ingest.IngestStats) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, dict[str, int]]]]:
+    """Split the dedup survivors by repository (seeded) and write the train and validation
+    shards; returns the split figures and the per-language table of the report."""
     repo_bytes: dict[str, int] = {}
     for (repo, *_), size, keep in zip(result.keys, result.sizes, result.keep, strict=True):
         if keep:
@@ -188,29 +226,7 @@ def prepare(
         table.setdefault("train", {"files": 0, "bytes": 0})
         table.setdefault("validation", {"files": 0, "bytes": 0})
         table["ingested"] = istats.languages.get(lang, {"files": 0, "bytes": 0})
-    shutil.rmtree(work, ignore_errors=True)
-    t3 = time.perf_counter()
-
-    report = {
-        "version": REPORT_VERSION,
-        "sources": [*sources, *(hf_data_files or []), *([hf_dataset] if hf_dataset else []), *(shards or [])],
-        "params": {
-            "depth": depth, "validation_fraction": validation_fraction, "seed": seed,
-            "max_files": max_files, "max_bytes": max_bytes, "shard_size_mb": shard_size_mb,
-            "filters": asdict(filter_config), "dedup": asdict(dedup_params), "redact": redact_pii,
-        },
-        "ingest": istats.as_dict(),
-        "bad_records": dict(bad.counts),
-        "licenses": lstats.as_dict(),
-        "filters": fstats.as_dict(),
-        "redact": rstats.as_dict() if redact_pii else {"enabled": False},
-        "dedup": result.report,
-        "split": split,
-        "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1]["train"]["bytes"])),
-        "seconds": {"ingest_filter": t1 - t0, "dedup": t2 - t1, "split_write": t3 - t2, "total": t3 - t0},
-    }
-    write_json_atomic(out / "report.json", report)
-    return report
+    return split, languages
 
 
 def _nothing_left(out: Path, istats: ingest.IngestStats, fstats: filters.FilterStats, bad: BadRecordCounter) -> str:

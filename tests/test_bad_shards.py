@@ -227,7 +227,7 @@ def test_blocked_hashing_is_exact(monkeypatch):
     whole = minhash.word_hashes(text)
     expected = minhash.hash_bytes(dedup.normalise_whitespace(text).encode("utf-8"))
     monkeypatch.setattr(minhash, "_BLOCK_BYTES", 997)
-    monkeypatch.setattr(dedup, "_PIECE_CHARS", 13)
+    monkeypatch.setattr(dedup.params, "_PIECE_CHARS", 13)
     np.testing.assert_array_equal(minhash.word_hashes(text), whole)
     assert dedup.exact_hash(text) == expected
 
@@ -289,13 +289,12 @@ def test_loader_refuses_an_empty_or_oversized_shard_by_name(tmp_path, tok_dir):
 
 
 def test_train_cli_reports_bad_data_in_one_line(monkeypatch, capsys):
-    import train.trainer
-
+    import train.run
     from train.__main__ import main
 
     def bad_data(cfg):
         raise ShardError("data/train/x.jsonl.zst:7: unreadable shard (ZstdError: corrupt)")
 
-    monkeypatch.setattr(train.trainer, "train", bad_data)
+    monkeypatch.setattr(train.run, "train", bad_data)
     assert main(["--config", "configs/tiny.yaml"]) == 2
     assert capsys.readouterr().err.strip() == "error: data/train/x.jsonl.zst:7: unreadable shard (ZstdError: corrupt)"

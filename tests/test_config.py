@@ -10,9 +10,18 @@ def test_shipped_configs_load_and_125m_matches_gpt_neo():
     assert m.layer_kinds == ("global", "local") * 6 and m.window_size == 256
     assert m.activation == "gelu_new" and m.layer_norm_epsilon == 1e-5 and m.tie_word_embeddings
     assert cfg.data.block_size == 2048 and cfg.train.per_device_batch_size == 8
-    assert cfg.optimizer.learning_rate == 3e-5 and (cfg.optimizer.b1, cfg.optimizer.b2) == (0.9, 0.95)
-    assert cfg.optimizer.weight_decay == 0.1 and cfg.model.compute_dtype == "bfloat16"
-    assert (cfg.schedule.warmup_steps, cfg.schedule.decay_steps, cfg.train.max_steps) == (2500, 25000, 100000)
+    # the from-scratch recipe: GPT-3's 125M row (0.5M tokens a step, cosine to 10% at max_steps)
+    assert cfg.optimizer.learning_rate == 6e-4 and cfg.train.batch_size * cfg.data.block_size == 524_288
+    assert cfg.schedule.warmup_steps + cfg.schedule.decay_steps == cfg.train.max_steps
+    assert (cfg.schedule.decay, cfg.schedule.min_lr_ratio) == ("cosine", 0.1)
+    # Code Clippy's card, faithfully, on the same architecture
+    cc = C.load("configs/code_clippy_125m.yaml")
+    assert C.to_dict(cc)["model"] == C.to_dict(cfg)["model"]
+    assert cc.data.block_size == 2048 and cc.train.per_device_batch_size == 8 and cc.train.batch_size == 0
+    assert cc.optimizer.learning_rate == 3e-5 and (cc.optimizer.b1, cc.optimizer.b2) == (0.9, 0.95)
+    assert cc.optimizer.weight_decay == 0.1 and cc.model.compute_dtype == "bfloat16"
+    assert (cc.schedule.warmup_steps, cc.schedule.decay_steps, cc.train.max_steps) == (2500, 25000, 100000)
+    assert (cc.schedule.decay, cc.schedule.min_lr_ratio) == ("cosine", 0.1)
     assert C.load("configs/tiny.yaml").model.hidden_size < 256
 
 

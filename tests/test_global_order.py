@@ -118,7 +118,8 @@ def ragged(code_tok, tmp_path_factory):
         (root / "data" / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     (root / "data" / "e.jsonl").write_text(json.dumps({"text": "z = 3\n", "meta": {"language": "Python"}})
                                            + "\n{not json\n")
-    build_cache(root / "data", code_tok, root / "cache", workers=1, progress=False)
+    # skip_bad: the build records the bad line (the loader then refuses it or skips it, tested below).
+    build_cache(root / "data", code_tok, root / "cache", workers=1, progress=False, skip_bad=True)
     return root / "cache", root / "data", code_tok
 
 

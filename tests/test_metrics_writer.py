@@ -7,7 +7,7 @@ import os
 import pytest
 
 from tests.helpers import tiny_config
-from train.metrics import MetricsWriter, read_metrics, truncate_metrics
+from train.core.metrics import MetricsWriter, read_metrics, truncate_metrics
 
 
 def _leftovers(path):
