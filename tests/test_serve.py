@@ -465,12 +465,15 @@ def test_queue_full_429_and_timeout_504_without_model():
     from train.serve import create_app
 
     class Stub:
-        cfg = SimpleNamespace(max_position_embeddings=64)
+        cfg = SimpleNamespace(max_position_embeddings=64, vocab_size=10)
         tok = SimpleNamespace(encode=lambda s: [1] * len(s))
         eos = 0
         batches = 0
         segments = 0
         fim = False
+        vocab_size = 10
+        max_token_chars = 1
+        tokenizer_pool = None  # the event loop's default executor
 
         def __init__(self, full):
             self.full, self.queue = full, queue.Queue()

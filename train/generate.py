@@ -96,6 +96,17 @@ def _segment(params, logits_BV, cache, pos_B, done_B, limit_B, step, rng, temper
     return logits_BV, cache, out_BN, pos_B, j
 
 
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a sampling seed, 0 <= seed < 2**63. ``PRNGKey`` keeps only the low 32
+    bits without x64; the high bits are folded in, so seeds that differ only there still give
+    different samples (seeds below 2**32 keep the key they always had)."""
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed: must be in [0, 2**63), got {seed}")
+    key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+    return key if seed < 2**32 else jax.random.fold_in(key, seed >> 32)
+
+
 class SegmentDecoder:
     """Incremental KV-cache decoding of one batch of prompts, ``segment_tokens`` tokens per call.
 
@@ -142,7 +153,7 @@ class SegmentDecoder:
         self.steps = 0  # decode steps run so far (the global step index of the next one)
         self._segment_tokens = int(segment_tokens)
         self._top_k = int(top_k)
-        self._rng = jax.random.PRNGKey(seed)
+        self._rng = seed_key(seed)
         # numpy, not jnp, scalars and arrays: they travel with the jitted call instead of costing
         # a device dispatch each (which adds up to ~1 ms per single-row request on CPU).
         self._temperature, self._top_p = np.float32(temperature), np.float32(top_p)

@@ -1,0 +1,1 @@
+"""Inference: decoding with a KV cache, the completion engine, the HTTP server, interactive sampling."""
