@@ -583,8 +583,10 @@ def _error_handlers(app) -> None:
         msg = str(errs[0].get("msg", "")) if errs else ""
         # The message may quote the input; never let a lone surrogate in it break the response.
         msg = msg.encode("utf-8", "replace").decode("utf-8")
+        # param: the request field (the location also names the union member that was tried).
+        param = str(errs[0]["loc"][1]) if errs and len(errs[0]["loc"]) > 1 else None
         return error(422 if errs and errs[0].get("type") != "json_invalid" else 400, f"invalid request: {loc}: {msg}",
-                     loc)
+                     param)
 
 
 def create_app(engine: Engine, *, model_name: str = "codeneo", api_key: str | None = None,
