@@ -178,7 +178,8 @@ class Engine:
     """The model, a bounded queue and the worker thread that batches queued jobs; a scoring
     thread (log probabilities) and a small pool that tokenizes prompts off the event loop."""
 
-    def __init__(self, cfg, params, tokenizer, *, queue_size: int = 64, max_batch: int = 16):
+    def __init__(self, cfg, params, tokenizer, *, queue_size: int = 64, max_batch: int = 16,
+                 continuous: bool = True):
         from train.generate import fim_sentinels
 
         self.cfg, self.params, self.tok = cfg, params, tokenizer
@@ -198,7 +199,9 @@ class Engine:
         self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="codeneo-tokenize")
         self._scorer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="codeneo-score")
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="codeneo-engine", daemon=True)
+        self.continuous = continuous  # slot KV cache (train/inference/batching.py), else whole batches
+        self._thread = threading.Thread(target=self._run_continuous if continuous else self._run,
+                                        name="codeneo-engine", daemon=True)
         self._thread.start()
 
     def score(self, rows: list[list[int]], top_n: int) -> concurrent.futures.Future:
@@ -218,6 +221,11 @@ class Engine:
         self._thread.join(timeout=30)
         self._scorer.shutdown(wait=False, cancel_futures=True)
         self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run_continuous(self):
+        from train.inference.batching import ContinuousWorker
+
+        ContinuousWorker(self).run(self._stop)
 
     def _run(self):
         while not self._stop.is_set():
