@@ -35,6 +35,13 @@ def test_rows_joining_later_decode_as_alone(tiny):
     while not all(dec.done):
         dec.step()
     assert [dec.tokens[s] for s in slots] == alone
+    # Rows admitted together share one prefill (padded to the longest prompt's bucket).
+    both = SlotDecoder(cfg, params)
+    slots = both.reserve(2)
+    both.admit_many([(slots[0], ROWS[0], 30, 0.0, 1.0, 0), (slots[1], ROWS[2], 30, 0.0, 1.0, 0)])
+    while not all(both.done):
+        both.step()
+    assert [both.tokens[s] for s in slots] == [alone[0], alone[2]] and both.slots == 4
     # One row after another, each released and the cache shrunk: the write head wraps the ring
     # (64 + 32 + 16 columns) several times, results unchanged.
     for k in range(9):

@@ -1,24 +1,31 @@
 """OpenAI-compatible completion server: ``python -m train.serve --run RUN_DIR | --hf HF_DIR``.
 
-FastAPI + uvicorn. One background worker thread owns the model and drains a bounded queue:
-requests that arrive while a batch runs join the next one. Requests with the same sampling
-settings (temperature, top_p, max_tokens bucket; and seed when sampling) share a batch, padded
-to a batch size in ``BATCH_BUCKETS`` with dummy rows; the KV cache has room for the
-``max_tokens`` bucket (``TOKEN_BUCKETS``) and each row stops at its own ``max_tokens``; prompts
-are padded to 32-token buckets: the set of compiled shapes stays small. Greedy results equal
-``python -m train.generate --temperature 0``.
+FastAPI + uvicorn. One background worker thread owns the model and drains a bounded queue with
+continuous batching (``train/inference/batching.py``): rows live in the slots of a KV cache and
+decode together in compiled segments of ``SEGMENT_TOKENS`` tokens; between two segments finished
+rows leave and queued requests take their slots, each with its own temperature, top-p and seed
+(so ``n`` sampled choices are rows of one batch). Greedy results equal ``python -m
+train.generate --temperature 0``; a seed gives the same sample whoever shares the batch.
+``Engine(continuous=False)`` keeps the earlier scheme: requests with the same sampling settings
+(temperature, top_p, max_tokens bucket; and seed when sampling) share a whole batch, padded to a
+size in ``BATCH_BUCKETS``, that runs until its last row is done.
 
-A batch decodes in compiled segments of ``SEGMENT_TOKENS`` tokens (``train.generate.
-SegmentDecoder``). After each segment the worker detokenizes every row, checks its stop strings,
-hands new text to streaming requests (``stream: true``: one server-sent event per segment and
-choice) and ends rows that are done; the batch stops when every row has hit EOS, a stop string
-or its ``max_tokens``. Text is only sent once it can no longer change (``RowText``): an
-incomplete UTF-8 character or a possible start of a stop string is held back, so the streamed
-chunks add up to exactly the non-streamed text.
+After each segment the worker detokenizes every row, checks its stop strings, hands new text to
+streaming requests (``stream: true``: one server-sent event per segment and choice) and ends rows
+that are done (EOS, a stop string or ``max_tokens``). Text is only sent once it can no longer
+change (``RowText``): an incomplete UTF-8 character or a possible start of a stop string is held
+back, so the streamed chunks add up to exactly the non-streamed text.
+
+``logprobs`` / ``echo`` are scored by a separate thread in one teacher-forced pass over prompt +
+completion (``train/inference/logprobs.py``). Requests are checked before anything reaches the
+model (``train/inference/requests.py``: every bad input is a 4xx naming the field); the API key
+and the body limit sit in front of the app (``train/inference/http.py``); ``/metrics`` is
+Prometheus' (``train/inference/metrics.py``).
 
 ``suffix`` (fill-in-the-middle) is answered when the tokenizer has the FIM sentinels of
 ``data_processing/fim.py`` (``<|fim_prefix|>prompt<|fim_suffix|>suffix<|fim_middle|>``, the
-completion is the middle); other models answer 400 naming ``suffix``.
+completion is the middle); other models answer 400 naming ``suffix``. The sentinels written in a
+prompt are the special tokens too (client-side FIM templates).
 """
 
 from __future__ import annotations
@@ -583,6 +590,11 @@ def _error_handlers(app) -> None:
     @app.exception_handler(RequestError)
     async def _refused(request, exc: RequestError):  # noqa: ARG001
         return error(exc.status, exc.message, exc.param, exc.kind)
+
+    @app.exception_handler(Exception)
+    async def _failed(request, exc):  # noqa: ARG001 - a fault of ours (input errors never get here)
+        traceback.print_exception(exc)
+        return error(500, f"internal error: {type(exc).__name__}", None, "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):  # noqa: ARG001

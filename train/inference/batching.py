@@ -40,22 +40,24 @@ def _with_index(cache, head):
         lambda path, x: jnp.asarray(head, jnp.int32) if path[-1].key == "cache_index" else x, cache)
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def _insert(cache, row_cache, slot, head):
-    """Copy a prefilled row (batch 1, T columns) into ``slot``: its T columns just behind
-    ``head`` (mod the ring); every other column of the slot is cleared (hidden by position)."""
+@functools.partial(jax.jit, donate_argnames=("cache", "logits_BV"))
+def _insert(cache, logits_BV, row_cache, row_logits_RV, slots_R, head):
+    """Copy prefilled rows (R rows, T columns each) into slots ``slots_R``: each row's T columns
+    just behind ``head`` (mod the ring); every other column of those slots is cleared (hidden by
+    position). A slot index past the last slot drops that row (padding of the prefill batch)."""
 
-    def put(path, big, one):
+    def put(path, big, rows):
         name = path[-1].key
         if name == "cache_index":
             return big
-        ring, T = big.shape[1], one.shape[1]
-        cols = (head - T + jnp.arange(T)) % ring
+        ring, T = big.shape[1], rows.shape[1]
+        cols_T = (head - T + jnp.arange(T)) % ring
         if name == "cached_pos":
-            big = big.at[slot].set(2**30)
-        return big.at[slot, cols].set(one[0].astype(big.dtype))
+            big = big.at[slots_R].set(2**30, mode="drop")
+        return big.at[slots_R[:, None], cols_T[None, :]].set(rows.astype(big.dtype), mode="drop")
 
-    return jax.tree_util.tree_map_with_path(put, cache, row_cache)
+    cache = jax.tree_util.tree_map_with_path(put, cache, row_cache)
+    return cache, logits_BV.at[slots_R].set(row_logits_RV.astype(jnp.float32), mode="drop")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "top_k", "n_tokens"), donate_argnames=("logits_BV", "cache"))
@@ -87,6 +89,12 @@ def _slot_segment(params, logits_BV, cache, pos_B, done_B, limit_B, step_B, keys
     j, logits_BV, cache, out_BN, pos_B, _ = jax.lax.while_loop(
         cond, body, (jnp.int32(0), logits_BV, cache, out_BN, pos_B, done_B))
     return logits_BV, cache, out_BN, pos_B, j
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_array(seed: int) -> np.ndarray:
+    # A host copy of the seed's key (seeds repeat: n choices, retries, lm-eval's fixed seed).
+    return np.asarray(seed_key(seed))
 
 
 class SlotDecoder:
@@ -146,6 +154,17 @@ class SlotDecoder:
         self._relayout(list(range(self.slots)), min(grow, self.max_slots))
         return self.used.index(False)
 
+    def reserve(self, n: int) -> list[int]:
+        """``n`` free slots (at most the free ones at ``max_slots``), growing the cache once to
+        the bucket that holds every row plus ``n``."""
+        free = [s for s in range(self.slots) if not self.used[s]]
+        if len(free) < n and self.slots < self.max_slots:
+            want = self.live + n
+            grow = next((b for b in SLOT_BUCKETS if b >= want), self.max_slots)
+            self._relayout([s for s in range(self.slots) if self.used[s]], min(grow, self.max_slots))
+            free = [s for s in range(self.slots) if not self.used[s]]
+        return free[:n]
+
     def shrink(self) -> list[int]:
         """Move the rows to the lowest slots of the smallest bucket that holds them; returns
         each old slot's new index (-1: released) so callers can follow their rows."""
@@ -188,29 +207,44 @@ class SlotDecoder:
         self.top_p_B[len(keep):] = 1.0
         self.done, self.used, self.tokens = done, used, tokens
 
-    def admit(self, slot: int, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.0,
-              top_p: float = 1.0, seed: int = 0) -> None:
-        """Prefill ``prompt`` and put it in free ``slot``; it decodes from the next ``step``."""
+    def check(self, prompt: list[int], max_new_tokens: int) -> None:
+        """Raise ValueError when ``prompt`` with ``max_new_tokens`` cannot be decoded."""
         positions = self.cfg.max_position_embeddings
         if not prompt:
             raise ValueError("prompt: needs at least one token")
         if max_new_tokens < 1 or len(prompt) + max_new_tokens > positions:
             raise ValueError(f"max_new_tokens: prompt ({len(prompt)} tokens) + {max_new_tokens} new tokens exceed "
                              f"the model's {positions} positions")
-        T = -(-len(prompt) // PROMPT_BUCKET) * PROMPT_BUCKET
-        ids = np.zeros((1, T), np.int32)
-        pos = np.full((1, T), -1, np.int32)
-        ids[0, T - len(prompt):] = prompt
-        pos[0, T - len(prompt):] = np.arange(len(prompt))
-        logits_1V, row_cache, next_pos = _prefill(self.params, ids, pos, cfg=self.cfg, max_len=T)
-        self.cache = _insert(self.cache, row_cache, np.int32(slot), np.int32(self._head))
-        self.logits_BV = self.logits_BV.at[slot].set(logits_1V[0].astype(jnp.float32))
-        self.pos_B[slot] = len(prompt)
-        self.step_B[slot] = 0
-        self.limit_B[slot] = max_new_tokens
-        self.keys_B2[slot] = np.asarray(seed_key(seed))
-        self.temperature_B[slot], self.top_p_B[slot] = temperature, top_p
-        self.done[slot], self.used[slot], self.tokens[slot] = False, True, []
+
+    def admit(self, slot: int, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.0,
+              top_p: float = 1.0, seed: int = 0) -> None:
+        """Prefill ``prompt`` and put it in free ``slot``; it decodes from the next ``step``."""
+        self.admit_many([(slot, prompt, max_new_tokens, temperature, top_p, seed)])
+
+    def admit_many(self, rows: list[tuple[int, list[int], int, float, float, int]]) -> None:
+        """``admit`` several (slot, prompt, max_new_tokens, temperature, top_p, seed) rows with
+        one prefill call: padded to a row bucket and to the longest prompt's 32-token bucket."""
+        for _, prompt, max_new, *_ in rows:
+            self.check(prompt, max_new)
+        R = next((b for b in SLOT_BUCKETS if b >= len(rows)), len(rows))
+        T = -(-max(len(r[1]) for r in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
+        ids = np.zeros((R, T), np.int32)
+        pos = np.full((R, T), -1, np.int32)
+        slots_R = np.full(R, self.slots, np.int32)  # padding rows: dropped by _insert
+        for r, (slot, prompt, *_) in enumerate(rows):
+            ids[r, T - len(prompt):] = prompt
+            pos[r, T - len(prompt):] = np.arange(len(prompt))
+            slots_R[r] = slot
+        logits_RV, row_cache, _ = _prefill(self.params, ids, pos, cfg=self.cfg, max_len=T)
+        self.cache, self.logits_BV = _insert(self.cache, self.logits_BV, row_cache, logits_RV, slots_R,
+                                             np.int32(self._head))
+        for slot, prompt, max_new, temperature, top_p, seed in rows:
+            self.pos_B[slot] = len(prompt)
+            self.step_B[slot] = 0
+            self.limit_B[slot] = max_new
+            self.keys_B2[slot] = _key_array(seed)
+            self.temperature_B[slot], self.top_p_B[slot] = temperature, top_p
+            self.done[slot], self.used[slot], self.tokens[slot] = False, True, []
 
     def finish(self, slot: int, keep: int | None = None) -> None:
         """End the row in ``slot`` now; with ``keep``, also drop its tokens after the first ``keep``."""
@@ -279,27 +313,40 @@ class ContinuousWorker:
                 self._fail_all(err)
 
     def _admit(self, block: bool) -> None:
-        """Take queued jobs into free slots (waiting up to 0.1 s for one when nothing runs)."""
+        """Take queued jobs into free slots with one prefill (waiting up to 0.1 s for a first one
+        when nothing runs). A job that cannot start fails alone."""
         import queue
 
         from train.serve import RowText, _settle
 
-        while self.dec.live < self.dec.max_slots:
+        jobs = []
+        while self.dec.live + len(jobs) < self.dec.max_slots:
             try:
-                job = self.engine.queue.get(timeout=0.1) if block and not self.rows else self.engine.queue.get_nowait()
+                wait = block and not self.rows and not jobs
+                job = self.engine.queue.get(timeout=0.1) if wait else self.engine.queue.get_nowait()
             except queue.Empty:
-                return
+                break
             if job.future.cancelled():  # timed out or refused while queued
                 continue
-            slot = self.dec.free_slot()
             try:
-                self.dec.admit(slot, job.ids, max_new_tokens=job.max_tokens, temperature=job.temperature,
-                               top_p=job.top_p, seed=job.seed)
-            except Exception as err:  # noqa: BLE001 - a job that cannot start fails alone
-                self.dec.release(slot)
+                self.dec.check(job.ids, job.max_tokens)
+            except ValueError as err:
                 _settle(job.future, exc=err)
                 continue
-            self.rows[slot] = (job, RowText(self.engine.tok, job.stops, self.engine.eos))
+            jobs.append(job)
+        if not jobs:
+            return
+        slots = self.dec.reserve(len(jobs))
+        try:
+            self.dec.admit_many([(s, j.ids, j.max_tokens, j.temperature, j.top_p, j.seed)
+                                 for s, j in zip(slots, jobs, strict=True)])
+        except Exception as err:  # noqa: BLE001 - cannot happen after check(); never stop the worker
+            for s, j in zip(slots, jobs, strict=True):
+                self.dec.release(s)
+                _settle(j.future, exc=err)
+            return
+        for s, j in zip(slots, jobs, strict=True):
+            self.rows[s] = (j, RowText(self.engine.tok, j.stops, self.engine.eos))
         self.engine.rows_running = len(self.rows)
 
     def _segment(self) -> None:
@@ -340,7 +387,11 @@ class ContinuousWorker:
             self.engine.batches += 1  # a stretch of decoding that ran until no row was left
 
     def _compact(self) -> None:
-        """Fewer slots when the live rows fit a smaller bucket (a lone request decodes alone)."""
+        """Fewer slots once the batch is empty, or has at most 1/8 of its slots in use: a lone
+        request decodes alone, and a load that keeps a few rows busy does not make the cache
+        shrink and grow again at every boundary."""
+        if self.rows and len(self.rows) > self.dec.slots // 8:
+            return
         moved = self.dec.shrink()
         if moved != list(range(len(moved))):
             self.rows = {moved[s]: r for s, r in self.rows.items()}
