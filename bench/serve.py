@@ -61,7 +61,7 @@ def _start(root: Path, folder: Path, log_path: Path):
         port = s.getsockname()[1]
     log = open(log_path, "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "train.serve", "--hf", str(folder), "--port", str(port),
-                             "--queue-size", "256"], cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                             "--queue-size", "256", "--timeout", "600"], cwd=root, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)})
     return proc, f"http://127.0.0.1:{port}", log
 
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
             for name, (proc, url, _) in servers.items():
                 _wait(url, proc)
                 clients[name] = Client(url)
-                measure(clients[name], jobs[:16], streams[:4])  # warm-up: compile every shape used
+                measure(clients[name], jobs, streams)  # warm-up: compile every shape the turns use
             turns: dict[str, list] = {name: [] for name in servers}
             for r in range(args.rounds):
                 order = list(servers) if r % 2 == 0 else list(reversed(servers))

@@ -42,6 +42,14 @@ def test_rows_joining_later_decode_as_alone(tiny):
     while not all(both.done):
         both.step()
     assert [both.tokens[s] for s in slots] == [alone[0], alone[2]] and both.slots == 4
+    # Growing keeps every row in its slot (callers hold slot numbers), even with gaps.
+    both.release(slots[0])
+    both.admit(0, ROWS[1], max_new_tokens=8)
+    both.admit(2, ROWS[1], max_new_tokens=8)
+    assert both.used == [True, True, True, False]
+    mine = list(both.tokens[1])
+    new = both.reserve(3)
+    assert both.slots == 16 and new == [3, 4, 5] and both.tokens[1] == mine and both.used[:3] == [True] * 3
     # One row after another, each released and the cache shrunk: the write head wraps the ring
     # (64 + 32 + 16 columns) several times, results unchanged.
     for k in range(9):

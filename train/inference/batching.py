@@ -161,7 +161,7 @@ class SlotDecoder:
         if len(free) < n and self.slots < self.max_slots:
             want = self.live + n
             grow = next((b for b in SLOT_BUCKETS if b >= want), self.max_slots)
-            self._relayout([s for s in range(self.slots) if self.used[s]], min(grow, self.max_slots))
+            self._relayout(list(range(self.slots)), min(grow, self.max_slots))  # rows keep their slots
             free = [s for s in range(self.slots) if not self.used[s]]
         return free[:n]
 
@@ -197,7 +197,7 @@ class SlotDecoder:
         arrays = {name: getattr(self, name) for name in ("pos_B", "step_B", "limit_B", "keys_B2", "temperature_B",
                                                          "top_p_B")}
         done = [self.done[s] for s in keep] + [True] * pad
-        used = [True] * len(keep) + [False] * pad
+        used = [self.used[s] for s in keep] + [False] * pad
         tokens = [self.tokens[s] for s in keep] + [[] for _ in range(pad)]
         self.slots, self.cache, self.logits_BV = slots, cache, logits
         for name, a in arrays.items():
