@@ -282,13 +282,13 @@ def test_fim_suffix_feeds_exactly_the_infill_prompt(fim_app, monkeypatch):
     from train.inference.batching import SlotDecoder
 
     fed = []
-    admit = SlotDecoder.admit
+    admit_many = SlotDecoder.admit_many
 
-    def spy(self, slot, prompt, **kw):  # every prompt enters the engine's slot cache here
-        fed.append([list(prompt)])
-        return admit(self, slot, prompt, **kw)
+    def spy(self, rows):  # every prompt enters the engine's slot cache here
+        fed.append([list(r[1]) for r in rows])
+        return admit_many(self, rows)
 
-    monkeypatch.setattr(SlotDecoder, "admit", spy)
+    monkeypatch.setattr(SlotDecoder, "admit_many", spy)
     assert client.get("/health").json()["fill_in_the_middle"] is True
     body = {"prompt": prefix, "suffix": suffix, "max_tokens": 24, "temperature": 0}
     r = client.post("/v1/completions", json=body)

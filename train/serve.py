@@ -656,6 +656,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: positions)")
     parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    parser.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                        help="continuous: requests join the running batch at segment boundaries; static: whole batches "
+                             "of requests with the same settings (see docs/benchmarks.md#serving)")
     args = parser.parse_args(argv)
     try:
         api_key = resolve_api_key(args.api_key, args.api_key_file)
@@ -666,7 +669,7 @@ def main(argv=None) -> int:
     from train.generate import load_model
 
     cfg, params, tok = load_model(args.run, args.hf)
-    engine = Engine(cfg, params, tok, queue_size=args.queue_size)
+    engine = Engine(cfg, params, tok, queue_size=args.queue_size, continuous=args.batching == "continuous")
     limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens,
                           request_timeout=args.timeout, max_body_bytes=args.max_body_bytes)
     app = create_app(engine, model_name=args.model_name, api_key=api_key, limits=limits)
