@@ -1,10 +1,15 @@
-"""Completion server throughput: ``python bench/serve.py [--quick]``.
+"""Completion server throughput: ``python bench/serve.py [--quick] [--compare REF] [--rounds N]``.
 
 Starts ``train.serve`` on a tiny random GPT-Neo (512-token byte-level tokenizer trained on a few
-standard-library files) on 127.0.0.1, then sends the same greedy requests one by one (baseline)
-and from 1, 4 and 16 concurrent clients; reports requests/s and p50/p95 latency. Then streams
-greedy 64-token completions one at a time and reports when the first text event arrived and
-when the stream ended (p50). Ends with one JSON line.
+standard-library files) on 127.0.0.1, then sends greedy requests of mixed lengths (``max_tokens``
+cycling through 8, 16, 32, 64: what continuous batching is for) one by one and from 1, 4 and 16
+concurrent clients; reports requests/s and p50/p95 latency, and the time to the first streamed
+text (p50/p95) of 64-token completions streamed from 4 clients at once.
+
+``--compare REF`` also starts the server of git commit REF (exported with ``git archive`` into a
+temporary folder) on the same model and measures both in alternating turns, ``--rounds`` times
+(the order flips each round), so both see the same machine load; each figure is the median over
+rounds. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -48,86 +54,126 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else 0.0
 
 
+def _start(root: Path, folder: Path, log_path: Path):
+    """A server from source tree ``root`` on a free port: (process, url, log file)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_path, "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "train.serve", "--hf", str(folder), "--port", str(port),
+                             "--queue-size", "256", "--timeout", "600"], cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)})
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def _wait(url: str, proc) -> None:
+    import httpx
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise RuntimeError(f"server at {url} did not start")
+
+
+class Client:
+    """Requests against one server through one pooled connection set (creating an httpx client
+    costs ~45 ms on this box, which would otherwise dominate the latencies measured)."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.url, self.http = url, httpx.Client(timeout=300, limits=httpx.Limits(max_connections=32))
+
+    def one(self, job) -> float:
+        prompt, max_tokens = job
+        t0 = time.perf_counter()
+        r = self.http.post(self.url + "/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens,
+                                                              "temperature": 0})
+        r.raise_for_status()
+        return time.perf_counter() - t0
+
+    def first_text(self, prompt: str) -> float:
+        """Seconds to the first event that carries text of a streamed 64-token completion."""
+        t0, first = time.perf_counter(), float("nan")
+        body = {"prompt": prompt, "max_tokens": 64, "temperature": 0, "stream": True}
+        with self.http.stream("POST", self.url + "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if first != first and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                    first = time.perf_counter() - t0
+        return first
+
+
+def measure(client: Client, jobs: list, streams: list[str]) -> dict:
+    """One turn: one by one, then 1, 4, 16 concurrent clients; streamed first text from 4 clients."""
+    out = {}
+    for name, clients in (("sequential", 1), ("c1", 1), ("c4", 4), ("c16", 16)):
+        t0 = time.perf_counter()
+        if name == "sequential":
+            lat = [client.one(j) for j in jobs]
+        else:
+            with ThreadPoolExecutor(clients) as pool:
+                lat = list(pool.map(client.one, jobs))
+        wall = time.perf_counter() - t0
+        out[name] = {"rps": len(jobs) / wall, "p50_ms": 1000 * pct(lat, 0.5), "p95_ms": 1000 * pct(lat, 0.95)}
+    with ThreadPoolExecutor(4) as pool:
+        firsts = list(pool.map(client.first_text, streams))
+    out["stream64_c4"] = {"first_text_p50_ms": 1000 * pct(firsts, 0.5), "first_text_p95_ms": 1000 * pct(firsts, 0.95)}
+    return out
+
+
+def _median(turns: list[dict]) -> dict:
+    return {k: {m: round(statistics.median(t[k][m] for t in turns), 1) for m in turns[0][k]} for k in turns[0]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compare", default=None, help="git commit whose server to measure alongside")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    import httpx
-
-    n_requests = 16 if args.quick else 64
-    max_tokens = 16 if args.quick else 64
+    n_requests = 32 if args.quick else 64
+    lengths = (8, 16, 32, 64)
+    jobs = [(f"def f{i}(x):\n    return x +", lengths[i % len(lengths)]) for i in range(n_requests)]
+    streams = [f"class C{i}:\n    def __init__(self" for i in range(8 if args.quick else 16)]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "hf"
         tiny_model(folder)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        log = open(Path(tmp) / "server.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "train.serve", "--hf", str(folder), "--port", str(port),
-                                 "--queue-size", "256"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
-        url = f"http://127.0.0.1:{port}"
+        roots = {"this": ROOT}
+        if args.compare:
+            ref = Path(tmp) / "ref"
+            ref.mkdir()
+            archive = subprocess.run(["git", "archive", args.compare], cwd=ROOT, check=True, capture_output=True)
+            subprocess.run(["tar", "-x", "-C", str(ref)], input=archive.stdout, check=True)
+            roots[args.compare] = ref
+        servers = {name: _start(root, folder, Path(tmp) / f"{name}.log") for name, root in roots.items()}
         try:
-            for _ in range(300):
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.3)
-            prompts = [f"def f{i}(x):\n    return x +" for i in range(n_requests)]
-            # One pooled client for every request: creating an httpx client costs ~45 ms on this
-            # box (SSL context), which would otherwise dominate the latencies measured.
-            client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=32))
-
-            def one(p):
-                t0 = time.perf_counter()
-                r = client.post(url + "/v1/completions", json={"prompt": p, "max_tokens": max_tokens,
-                                                               "temperature": 0})
-                r.raise_for_status()
-                return time.perf_counter() - t0
-
-            with ThreadPoolExecutor(16) as pool:  # warm-up: compile every batch bucket once
-                for c in (1, 4, 16):
-                    list(pool.map(one, prompts[:c]))
-            results = {}
-            for name, clients in (("sequential", 1), ("c1", 1), ("c4", 4), ("c16", 16)):
-                t0 = time.perf_counter()
-                if name == "sequential":
-                    lat = [one(p) for p in prompts]
-                else:
-                    with ThreadPoolExecutor(clients) as pool:
-                        lat = list(pool.map(one, prompts))
-                wall = time.perf_counter() - t0
-                results[name] = {"clients": clients, "requests": len(prompts), "rps": round(len(prompts) / wall, 2),
-                                 "p50_ms": round(1000 * pct(lat, 0.5), 1), "p95_ms": round(1000 * pct(lat, 0.95), 1)}
-                print(f"{name:>10}: {results[name]}", file=sys.stderr)
-
-            def streamed(p):
-                # Time to the first event that carries text, and to the end of the stream.
-                t0, first = time.perf_counter(), None
-                body = {"prompt": p, "max_tokens": 64, "temperature": 0, "stream": True}
-                with client.stream("POST", url + "/v1/completions", json=body) as r:
-                    r.raise_for_status()
-                    for line in r.iter_lines():
-                        if first is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
-                            first = time.perf_counter() - t0
-                return first if first is not None else float("nan"), time.perf_counter() - t0
-
-            streamed(prompts[0])  # warm-up: the 64-token bucket
-            times = [streamed(p) for p in prompts[: 8 if args.quick else 32]]
-            results["stream64"] = {"requests": len(times),
-                                   "first_text_p50_ms": round(1000 * pct([a for a, _ in times], 0.5), 1),
-                                   "end_p50_ms": round(1000 * pct([b for _, b in times], 0.5), 1)}
-            print(f"{'stream64':>10}: {results['stream64']}", file=sys.stderr)
-            client.close()
+            clients = {}
+            for name, (proc, url, _) in servers.items():
+                _wait(url, proc)
+                clients[name] = Client(url)
+                measure(clients[name], jobs, streams)  # warm-up: compile every shape the turns use
+            turns: dict[str, list] = {name: [] for name in servers}
+            for r in range(args.rounds):
+                order = list(servers) if r % 2 == 0 else list(reversed(servers))
+                for name in order:
+                    turns[name].append(measure(clients[name], jobs, streams))
+                    print(f"round {r} {name}: {json.dumps(turns[name][-1])}", file=sys.stderr)
+            results = {name: _median(t) for name, t in turns.items()}
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
-    print(json.dumps({"bench": "serve", "max_tokens": max_tokens, **results}))
+            for proc, _, log in servers.values():
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                log.close()
+    print(json.dumps({"bench": "serve", "requests": n_requests, "max_tokens": list(lengths), "rounds": args.rounds,
+                      **results}))
     return 0
 
 

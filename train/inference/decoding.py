@@ -55,7 +55,7 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature, top_k: int,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
-def _prefill(params, ids_BT, pos_BT, *, cfg: ModelConfig, max_len: int):
+def prefill(params, ids_BT, pos_BT, *, cfg: ModelConfig, max_len: int):
     """A KV cache of ``max_len`` slots holding the prompts, the logits after their last token and
     the next position of each row."""
     cache = M.init_cache(cfg, params, ids_BT.shape[0], max_len)
@@ -94,6 +94,17 @@ def _segment(params, logits_BV, cache, pos_B, done_B, limit_B, step, rng, temper
     j, logits_BV, cache, out_BN, pos_B, _ = jax.lax.while_loop(
         cond, body, (jnp.int32(0), logits_BV, cache, out_BN, pos_B, done_B))
     return logits_BV, cache, out_BN, pos_B, j
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a sampling seed, 0 <= seed < 2**63. ``PRNGKey`` keeps only the low 32
+    bits without x64; the high bits are folded in, so seeds that differ only there still give
+    different samples (seeds below 2**32 keep the key they always had)."""
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed: must be in [0, 2**63), got {seed}")
+    key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+    return key if seed < 2**32 else jax.random.fold_in(key, seed >> 32)
 
 
 class SegmentDecoder:
@@ -142,7 +153,7 @@ class SegmentDecoder:
         self.steps = 0  # decode steps run so far (the global step index of the next one)
         self._segment_tokens = int(segment_tokens)
         self._top_k = int(top_k)
-        self._rng = jax.random.PRNGKey(seed)
+        self._rng = seed_key(seed)
         # numpy, not jnp, scalars and arrays: they travel with the jitted call instead of costing
         # a device dispatch each (which adds up to ~1 ms per single-row request on CPU).
         self._temperature, self._top_p = np.float32(temperature), np.float32(top_p)
@@ -150,7 +161,7 @@ class SegmentDecoder:
         self._limit_B = np.asarray(self.limits, np.int32)
         # The cache has exactly prompt bucket + max_new_tokens slots, as the one-call decoder had:
         # the same shapes give the same greedy results bit for bit.
-        self._logits_BV, self._cache, self._pos_B = _prefill(params, ids, pos, cfg=cfg, max_len=T + max_new_tokens)
+        self._logits_BV, self._cache, self._pos_B = prefill(params, ids, pos, cfg=cfg, max_len=T + max_new_tokens)
 
     @property
     def finished(self) -> bool:

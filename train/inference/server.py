@@ -1,24 +1,31 @@
 """OpenAI-compatible completion server: ``python -m train.serve --run RUN_DIR | --hf HF_DIR``.
 
-FastAPI + uvicorn. One background worker thread owns the model and drains a bounded queue:
-requests that arrive while a batch runs join the next one. Requests with the same sampling
-settings (temperature, top_p, max_tokens bucket; and seed when sampling) share a batch, padded
-to a batch size in ``BATCH_BUCKETS`` with dummy rows; the KV cache has room for the
-``max_tokens`` bucket (``TOKEN_BUCKETS``) and each row stops at its own ``max_tokens``; prompts
-are padded to 32-token buckets: the set of compiled shapes stays small. Greedy results equal
-``python -m train.generate --temperature 0``.
+FastAPI + uvicorn. One background worker thread owns the model and drains a bounded queue with
+continuous batching (``train/inference/batching.py``): rows live in the slots of a KV cache and
+decode together in compiled segments of ``SEGMENT_TOKENS`` tokens; between two segments finished
+rows leave and queued requests take their slots, each with its own temperature, top-p and seed
+(so ``n`` sampled choices are rows of one batch). Greedy results equal ``python -m
+train.generate --temperature 0``; a seed gives the same sample whoever shares the batch.
+``Engine(continuous=False)`` keeps the earlier scheme: requests with the same sampling settings
+(temperature, top_p, max_tokens bucket; and seed when sampling) share a whole batch, padded to a
+size in ``BATCH_BUCKETS``, that runs until its last row is done.
 
-A batch decodes in compiled segments of ``SEGMENT_TOKENS`` tokens (``train.generate.
-SegmentDecoder``). After each segment the worker detokenizes every row, checks its stop strings,
-hands new text to streaming requests (``stream: true``: one server-sent event per segment and
-choice) and ends rows that are done; the batch stops when every row has hit EOS, a stop string
-or its ``max_tokens``. Text is only sent once it can no longer change (``RowText``): an
-incomplete UTF-8 character or a possible start of a stop string is held back, so the streamed
-chunks add up to exactly the non-streamed text.
+After each segment the worker detokenizes every row, checks its stop strings, hands new text to
+streaming requests (``stream: true``: one server-sent event per segment and choice) and ends rows
+that are done (EOS, a stop string or ``max_tokens``). Text is only sent once it can no longer
+change (``RowText``): an incomplete UTF-8 character or a possible start of a stop string is held
+back, so the streamed chunks add up to exactly the non-streamed text.
+
+``logprobs`` / ``echo`` are scored by a separate thread in one teacher-forced pass over prompt +
+completion (``train/inference/logprobs.py``). Requests are checked before anything reaches the
+model (``train/inference/requests.py``: every bad input is a 4xx naming the field); the API key
+and the body limit sit in front of the app (``train/inference/http.py``); ``/metrics`` is
+Prometheus' (``train/inference/metrics.py``).
 
 ``suffix`` (fill-in-the-middle) is answered when the tokenizer has the FIM sentinels of
 ``data_processing/fim.py`` (``<|fim_prefix|>prompt<|fim_suffix|>suffix<|fim_middle|>``, the
-completion is the middle); other models answer 400 naming ``suffix``.
+completion is the middle); other models answer 400 naming ``suffix``. The sentinels written in a
+prompt are the special tokens too (client-side FIM templates).
 """
 
 from __future__ import annotations
@@ -35,134 +42,29 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from data_processing.tokens import EOS_TOKEN
-
-BATCH_BUCKETS = (1, 4, 16)
-TOKEN_BUCKETS = (16, 64, 256)
-
-
-def bucket(n: int, buckets) -> int:
-    """The smallest bucket that holds ``n`` (``n`` itself beyond the largest)."""
-    for b in buckets:
-        if n <= b:
-            return b
-    return n
-
-
-@dataclass
-class Job:
-    """One completion (one prompt, one of its ``n`` choices) waiting for the worker. ``future``
-    resolves to a ``Completion``; ``on_text``, when set, is called from the worker thread with
-    each new piece of text as soon as it is final (streaming)."""
-
-    ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-    stops: list[str] = field(default_factory=list)
-    on_text: Callable[[str], None] | None = None
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-
-    def key(self):
-        bucket_n = bucket(self.max_tokens, TOKEN_BUCKETS)
-        return (self.temperature, self.top_p, bucket_n, self.seed if self.temperature > 0 else None)
-
-
-@dataclass
-class Completion:
-    """A finished choice: its text (cut before a stop string, EOS dropped), why it ended
-    (``stop``: EOS or a stop string; ``length``: ``max_tokens``) and how many tokens it used."""
-
-    text: str
-    finish_reason: str
-    tokens: int
-
-
-class RowText:
-    """The text of one generated row as its tokens arrive, and how much of it is final.
-
-    ``feed`` returns the text that became final since the previous call. Until the row ends, it
-    holds back replacement characters at the end (an incomplete UTF-8 character of byte-level
-    BPE, completed by the next token) and any tail that could be the start of a stop string; so
-    everything handed out is a prefix of the final text. A stop string ends the row as soon as
-    no earlier-starting stop string could still complete: the same cut as generating to
-    ``max_tokens`` and cutting the text before the first stop string.
-    """
-
-    def __init__(self, tok, stops: list[str], eos: int | None):
-        self.tok, self.stops, self.eos = tok, [s for s in stops if s], eos
-        self.ids: list[int] = []
-        self.sent = ""
-        self.result: Completion | None = None  # set once the row has ended
-
-    def _text(self, ids: list[int], final: bool) -> str:
-        from train.inference.decoding import decode_text
-
-        text = decode_text(self.tok, ids, self.eos)
-        return text if final else text.rstrip("\ufffd")
-
-    def _first_stop(self, text: str) -> tuple[int, int] | None:
-        """(start, end) of the earliest stop string in ``text``, or None."""
-        hits = [(i, i + len(s)) for s in self.stops if (i := text.find(s)) >= 0]
-        return min(hits) if hits else None
-
-    def _open_start(self, text: str) -> int:
-        """Where the earliest tail of ``text`` that a stop string could still complete begins
-        (``len(text)`` when there is none)."""
-        for i in range(max(0, len(text) - max((len(s) for s in self.stops), default=0)), len(text)):
-            if any(s.startswith(text[i:]) for s in self.stops):
-                return i
-        return len(text)
-
-    def feed(self, new_ids: list[int], ended: bool) -> str:
-        """Add the row's new ids (``ended``: the decoder finished the row: EOS or ``max_tokens``);
-        the newly final text. When the row ends (here or at a stop string) ``result`` is set."""
-        if self.result is not None:
-            return ""
-        self.ids.extend(new_ids)
-        text = self._text(self.ids, ended)
-        stop = self._first_stop(text)
-        if stop is not None and (ended or self._open_start(text) >= stop[0]):
-            final = text[: stop[0]]
-            # The fewest tokens whose text already holds the stop string: what the row used.
-            lo, hi = 1, len(self.ids)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if len(self._text(self.ids[:mid], False)) >= stop[1]:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            self.result = Completion(final, "stop", lo)
-        elif ended:
-            final = text
-            hit_eos = self.eos is not None and self.eos in self.ids
-            self.result = Completion(final, "stop" if hit_eos else "length", len(self.ids))
-        else:
-            final = text[: min(self._open_start(text), stop[0] if stop else len(text))]
-        if not final.startswith(self.sent):  # cannot happen: byte-level BPE decodes prefix-consistently
-            raise RuntimeError(f"streamed text {self.sent!r} is not a prefix of {final!r}")
-        delta, self.sent = final[len(self.sent):], final
-        return delta
-
-
-def _settle(future: concurrent.futures.Future, result=None, exc: BaseException | None = None) -> None:
-    """Resolve a job's future unless its request already gave up on it (timeout, 429)."""
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass
+from train.inference.http import Guard, error_body, resolve_api_key
+from train.inference.jobs import BATCH_BUCKETS, Completion, Job, RowText, bucket, settle
+from train.inference.metrics import ServerMetrics
+from train.inference.requests import (
+    SEED_LIMIT,
+    CompletionRequest,
+    DetokenizeRequest,
+    RequestError,
+    TokenizeRequest,
+    check_sampling,
+    prompt_list,
+    refuse_unknown,
+    stop_list,
+)
 
 
 class Engine:
-    """The model, a bounded queue and the worker thread that batches queued jobs."""
+    """The model, a bounded queue and the worker thread that batches queued jobs; a scoring
+    thread (log probabilities) and a small pool that tokenizes prompts off the event loop."""
 
-    def __init__(self, cfg, params, tokenizer, *, queue_size: int = 64, max_batch: int = 16):
+    def __init__(self, cfg, params, tokenizer, *, queue_size: int = 64, max_batch: int = 16,
+                 continuous: bool = True):
         from train.inference.decoding import fim_sentinels
 
         self.cfg, self.params, self.tok = cfg, params, tokenizer
@@ -170,13 +72,28 @@ class Engine:
         if not isinstance(self.eos, int) or self.eos < 0 or self.eos >= cfg.vocab_size:
             self.eos = None
         self.fim = fim_sentinels(tokenizer, cfg) is not None  # trained with fill-in-the-middle
+        # The longest token's text: a prompt of C characters has at least C / this many tokens, so
+        # longer prompts are refused before tokenizing them.
+        self.max_token_chars = max(1, max(len(t) for t in tokenizer.get_vocab()))
+        self.vocab_size = min(cfg.vocab_size, len(tokenizer))
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self.max_batch = max_batch
         self.batches = 0
         self.segments = 0
+        self.rows_running = 0
+        self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="codeneo-tokenize")
+        self._scorer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="codeneo-score")
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="codeneo-engine", daemon=True)
+        self.continuous = continuous  # slot KV cache (train/inference/batching.py), else whole batches
+        self._thread = threading.Thread(target=self._run_continuous if continuous else self._run,
+                                        name="codeneo-engine", daemon=True)
         self._thread.start()
+
+    def score(self, rows: list[list[int]], top_n: int) -> concurrent.futures.Future:
+        """Log probabilities of each row's tokens (``train.inference.logprobs.score_rows``)."""
+        from train.inference.logprobs import score_rows
+
+        return self._scorer.submit(score_rows, self.cfg, self.params, rows, top_n)
 
     def submit(self, job: Job) -> concurrent.futures.Future:
         """Queue a job (raises ``queue.Full``); its future resolves to a ``Completion``."""
@@ -187,6 +104,13 @@ class Engine:
         """Stop the worker after the batch it is running."""
         self._stop.set()
         self._thread.join(timeout=30)
+        self._scorer.shutdown(wait=False, cancel_futures=True)
+        self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run_continuous(self):
+        from train.inference.batching import ContinuousWorker
+
+        ContinuousWorker(self).run(self._stop)
 
     def _run(self):
         while not self._stop.is_set():
@@ -207,17 +131,30 @@ class Engine:
                 group = [j for j in group if not j.future.cancelled()]  # timed out or refused while queued
                 for start in range(0, len(group), self.max_batch):
                     try:
-                        self._run_batch(key, group[start:start + self.max_batch])
+                        self._run_isolated(key, group[start:start + self.max_batch])
                     except Exception:  # noqa: BLE001 - never let one batch stop the worker
                         traceback.print_exc()
 
-    def _run_batch(self, key, jobs: list[Job]):
+    def _run_isolated(self, key, jobs: list[Job]):
+        """Run a batch; if it fails, rerun its unfinished jobs one by one, so that only the job
+        that caused the error gets it, never the others batched with it."""
+        err = self._run_batch(key, jobs, settle_errors=len(jobs) == 1)
+        for j in jobs if err is not None else []:
+            if j.future.done():
+                continue
+            if j.streamed:
+                settle(j.future, exc=err)
+            else:
+                self._run_batch(key, [j], settle_errors=True)
+
+    def _run_batch(self, key, jobs: list[Job], settle_errors: bool = True) -> Exception | None:
         from train.inference import decoding as generate
 
         temperature, top_p, n_tokens, _ = key
         size = bucket(len(jobs), [b for b in BATCH_BUCKETS if b <= self.max_batch] + [self.max_batch])
         pad = size - len(jobs)
         rows = [RowText(self.tok, j.stops, self.eos) for j in jobs]
+        self.rows_running += len(jobs)
         try:
             # Dummy rows (limit 0) only fill the batch to its bucket; each real row stops at its own
             # max_tokens, the cache has room for the bucket's.
@@ -234,202 +171,351 @@ class Engine:
                     break
                 gained = dec.step()
                 self.segments += 1
+                now = time.perf_counter()
                 for b, (job, row) in enumerate(zip(jobs, rows, strict=True)):
                     if row.result is not None:
                         continue
+                    if job.first_token_at is None and gained[b]:
+                        job.first_token_at = now
                     delta = row.feed(gained[b], dec.done[b])
                     if delta and job.on_text is not None:
+                        job.streamed = True
                         job.on_text(delta)
                     if row.result is not None:
                         dec.finish(b, keep=row.result.tokens)
-                        _settle(job.future, row.result)
+                        settle(job.future, row.result)
         except Exception as err:  # noqa: BLE001 - the error goes to the waiting requests
+            traceback.print_exc()
+            if not settle_errors:
+                return err
             for j in jobs:
-                _settle(j.future, exc=err)
-            return
+                settle(j.future, exc=err)
+            return None
+        finally:
+            self.rows_running -= len(jobs)
         self.batches += 1
+        return None
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    prompt: str | list[str] = ""
-    suffix: str | None = None
-    max_tokens: int = Field(default=16)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
-    seed: int | None = None
-    language: str | None = None  # not OpenAI's: the control code to prepend (data.control_codes models)
+@dataclass
+class ServerLimits:
+    """What the app accepts (``main``'s flags)."""
+
+    max_prompt_tokens: int | None = None  # default: the model's positions
+    max_tokens_limit: int = 256
+    max_n: int = 16
+    request_timeout: float = 60.0
+    max_body_bytes: int = 4 * 1024 * 1024
 
 
-def create_app(engine: Engine, *, model_name: str = "codeneo", api_key: str | None = None,
-               max_prompt_tokens: int | None = None, max_tokens_limit: int = 256, max_n: int = 16,
-               request_timeout: float = 60.0):
-    """The FastAPI app over ``engine``: ``/health``, ``/v1/models``, ``/v1/completions``. Bad
-    requests get 400/422 naming the field, a full queue 429, a request not answered within
-    ``request_timeout`` s 504 (a stream that makes no progress for that long ends with an
-    error event)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+@dataclass
+class Plan:
+    """A checked completion request: the token ids of each prompt (control code, FIM sentinels
+    and all), the stop strings and the seed of its first choice."""
+
+    req: CompletionRequest
+    prompts: list[list[int]]
+    stops: list[str]
+    seed: int
+    started: float = field(default_factory=time.perf_counter)
+    jobs: list[Job] = field(default_factory=list)
+
+
+def _encode(engine: Engine, req: CompletionRequest, prompt, suffix: str | None, limits: ServerLimits) -> list[int]:
+    """Token ids of one prompt (runs on the tokenizer pool, off the event loop)."""
+    from train.inference.decoding import encode_prompt
 
     positions = engine.cfg.max_position_embeddings
-    max_prompt_tokens = max_prompt_tokens or max(1, positions - 16)
+    max_prompt = limits.max_prompt_tokens or positions
+    if isinstance(prompt, list):
+        if suffix is not None or req.language is not None:
+            param = "suffix" if suffix is not None else "language"
+            raise RequestError(400, f"{param}: needs a text prompt, not token ids", param)
+        ids = list(prompt)
+    else:
+        chars = len(prompt) + len(suffix or "")
+        if chars > max_prompt * engine.max_token_chars:  # certainly too many tokens: do not tokenize it
+            raise RequestError(400, f"prompt: {chars} characters, more than {max_prompt} tokens can hold", "prompt")
+        try:
+            ids = encode_prompt(engine.tok, prompt, suffix, engine.cfg, language=req.language) \
+                if prompt or suffix is not None else []
+        except ValueError as err:
+            raise RequestError(400, str(err), "language") from None
+        if not ids and engine.eos is not None:
+            ids = [engine.eos]
+    if not ids:
+        raise RequestError(400, "prompt: empty", "prompt")
+    if len(ids) > max_prompt or len(ids) + req.max_tokens > positions:
+        what = "prompt and suffix" if suffix is not None else "prompt"
+        raise RequestError(400, f"prompt: {what}: {len(ids)} tokens + max_tokens {req.max_tokens} exceed the "
+                                f"limit ({max_prompt} prompt tokens, {positions} positions)", "prompt")
+    return ids
 
-    app = FastAPI(title="codeneo completions")
 
-    def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        return JSONResponse(status_code=status,
-                            content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+async def _plan(engine: Engine, req: CompletionRequest, limits: ServerLimits) -> Plan:
+    """Check ``req`` and tokenize its prompts; raises ``RequestError`` (4xx) on bad input."""
+    from train.inference.decoding import NOT_FIM
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc):  # noqa: ARG001
-        errs = exc.errors()
-        loc = ".".join(str(x) for x in errs[0]["loc"][1:]) if errs else None
-        return error(422 if errs and errs[0].get("type") != "json_invalid" else 400,
-                     f"invalid request: {loc}: {errs[0]['msg'] if errs else ''}", loc)
+    refuse_unknown(req)
+    # An empty suffix asks nothing of a model without FIM; a FIM model infills before it.
+    suffix = req.suffix if req.suffix or (engine.fim and req.suffix is not None) else None
+    if suffix is not None and not engine.fim:
+        raise RequestError(400, f"suffix: {NOT_FIM}", "suffix")
+    prompts = prompt_list(req.prompt, engine.vocab_size)
+    check_sampling(req, max_tokens_limit=limits.max_tokens_limit, max_n=limits.max_n, n_prompts=len(prompts))
+    stops = stop_list(req.stop)
+    loop = asyncio.get_running_loop()
+    encoded = [await loop.run_in_executor(engine.tokenizer_pool, _encode, engine, req, p, suffix, limits)
+               for p in prompts]
+    seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
+    return Plan(req, encoded, stops, seed)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        auth = request.headers.get("authorization", "")
-        if api_key and request.url.path.startswith("/v1/") and auth != f"Bearer {api_key}":
-            return error(401, "invalid API key", None, "authentication_error")
-        return await call_next(request)
+
+def _submit(engine: Engine, plan: Plan, emitter=None) -> list[concurrent.futures.Future]:
+    """Queue one job per prompt and choice (none for ``max_tokens: 0``, which only scores);
+    raises ``RequestError`` 429 when the queue is full."""
+    req = plan.req
+    if req.max_tokens == 0:
+        return []
+    jobs = [Job(ids, req.max_tokens, req.temperature, req.top_p, (plan.seed + k) % SEED_LIMIT, plan.stops)
+            for ids in plan.prompts for k in range(req.n)]
+    if emitter is not None:
+        for i, j in enumerate(jobs):
+            j.on_text = emitter(i)
+    futures = []
+    try:
+        for j in jobs:
+            futures.append(engine.submit(j))
+    except queue.Full:
+        for f in futures:
+            f.cancel()
+        raise RequestError(429, "server busy: request queue is full, retry later", None, "rate_limit_error") from None
+    plan.jobs = jobs
+    return futures
+
+
+async def _choices(engine: Engine, plan: Plan, done: list[Completion]) -> list[dict]:
+    """The response's choices: the text (after the echoed prompt with ``echo``) and, when asked
+    for, the log probabilities of the echoed and generated tokens."""
+    from train.inference.logprobs import logprobs_field
+
+    req = plan.req
+    if not done:  # max_tokens 0: the echoed prompt is the whole choice
+        done = [Completion("", "length", 0) for _ in plan.prompts for _ in range(req.n)]
+    fed = [plan.prompts[i // req.n] for i in range(len(done))]
+    scores = None
+    if req.logprobs is not None:
+        rows = [ids + c.ids for ids, c in zip(fed, done, strict=True)]
+        scores = await asyncio.wrap_future(engine.score(rows, req.logprobs))
+    choices = []
+    for i, (ids, c) in enumerate(zip(fed, done, strict=True)):
+        head = engine.tok.decode(ids, clean_up_tokenization_spaces=False) if req.echo else ""
+        lp = None
+        if scores is not None:
+            lp = logprobs_field(engine.tok, ids + c.ids, scores[i], 0 if req.echo else len(ids), req.logprobs)
+        choices.append({"text": head + c.text, "index": i, "logprobs": lp, "finish_reason": c.finish_reason})
+    return choices
+
+
+def _sse_stream(futures, events: asyncio.Queue, base: dict, timeout: float, on_end: Callable[[list], None]):
+    """Server-sent events of a streamed request: each choice's new text as it becomes final,
+    a ``finish_reason`` event per choice, ``[DONE]`` (then ``on_end(completions)``); an error
+    travels as an event."""
+
+    def chunk(index: int, text: str, finish_reason: str | None) -> str:
+        body = {**base, "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    def error_event(message: str, kind: str) -> str:
+        return f"data: {json.dumps(error_body(message, None, kind))}\n\n"
+
+    async def sse():
+        open_choices = len(futures)
+        try:
+            while open_choices:
+                try:
+                    index, item = await asyncio.wait_for(events.get(), timeout=timeout)
+                except TimeoutError:
+                    yield error_event(f"no progress for {timeout} s", "timeout")  # headers are sent already
+                    return
+                if isinstance(item, str):
+                    yield chunk(index, item, None)
+                    continue
+                open_choices -= 1
+                if item.cancelled():
+                    return
+                if item.exception() is not None:
+                    yield error_event(str(item.exception()), "server_error")
+                    return
+                yield chunk(index, "", item.result().finish_reason)
+            yield "data: [DONE]\n\n"
+            on_end([f.result() for f in futures])
+        finally:
+            for f in futures:  # client gone or stream over: nothing left for the worker to do
+                f.cancel()
+
+    return sse()
+
+
+def _observe(metrics: ServerMetrics, plan: Plan, done: list[Completion]) -> None:
+    """Latency, time to first token and token counts of a finished request."""
+    now = time.perf_counter()
+    metrics.latency.observe(now - plan.started)
+    firsts = [j.first_token_at for j in plan.jobs if j.first_token_at is not None]
+    if firsts:
+        metrics.ttft.observe(min(firsts) - plan.started)
+    metrics.generated.inc(sum(c.tokens for c in done))
+    metrics.prompt_tokens.inc(sum(len(p) for p in plan.prompts) * plan.req.n)
+
+
+async def complete(engine: Engine, req: CompletionRequest, limits: ServerLimits, metrics: ServerMetrics,
+                   model_name: str):
+    """Answer one ``/v1/completions`` request (a JSON body, or a stream of events)."""
+    from fastapi.responses import StreamingResponse
+
+    plan = await _plan(engine, req, limits)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()  # (choice index, new text | finished future), streaming only
+
+    def emitter(index: int):
+        # Called on the worker thread: hand the text to the event loop that serves the stream.
+        return lambda text: loop.call_soon_threadsafe(events.put_nowait, (index, text))
+
+    futures = _submit(engine, plan, emitter if req.stream else None)
+    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": req.model or model_name}
+    if req.stream:
+        for i, f in enumerate(futures):
+            f.add_done_callback(lambda f, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, f)))
+        return StreamingResponse(_sse_stream(futures, events, base, limits.request_timeout,
+                                             lambda done: _observe(metrics, plan, done)),
+                                 media_type="text/event-stream")
+    try:
+        done = await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)),
+                                      timeout=limits.request_timeout)
+    except TimeoutError:
+        for f in futures:  # the worker drops rows nobody waits for
+            f.cancel()
+        raise RequestError(504, f"request timed out after {limits.request_timeout} s", None, "timeout") from None
+    choices = await _choices(engine, plan, list(done))
+    _observe(metrics, plan, list(done))
+    prompt_tokens = sum(len(p) for p in plan.prompts) * req.n
+    completion_tokens = sum(c.tokens for c in done)
+    return {**base, "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens":
+                                                  completion_tokens, "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def _tokenizer_routes(app, engine: Engine, model_name: str) -> None:
+    """vLLM's ``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` (lm-evaluation-harness's
+    remote tokenizer uses all three)."""
+    positions = engine.cfg.max_position_embeddings
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        refuse_unknown(req)
+        if len(req.prompt) > 4 * positions * engine.max_token_chars:
+            raise RequestError(400, f"prompt: longer than {4 * positions} tokens can hold", "prompt")
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(engine.tokenizer_pool, lambda: engine.tok.encode(
+            req.prompt, add_special_tokens=req.add_special_tokens))
+        return {"count": len(ids), "max_model_len": positions, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        refuse_unknown(req)
+        if any(not 0 <= t < engine.vocab_size for t in req.tokens):
+            raise RequestError(400, f"tokens: token ids must be in [0, {engine.vocab_size})", "tokens")
+        loop = asyncio.get_running_loop()
+        text = await loop.run_in_executor(engine.tokenizer_pool, lambda: engine.tok.decode(
+            req.tokens, clean_up_tokenization_spaces=False))
+        return {"prompt": text}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok = engine.tok
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "unk_token": tok.unk_token, "model_max_length": positions,
+                "vocab_size": engine.vocab_size}
+
+
+def _info_routes(app, engine: Engine, model_name: str, metrics: ServerMetrics) -> None:
+    """``/health``, ``/metrics`` and ``/v1/models``."""
+    from fastapi.responses import Response
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "queued": engine.queue.qsize(), "batches": engine.batches,
                 "segments": engine.segments, "fill_in_the_middle": engine.fim}
 
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "codeneo"}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "codeneo",
+                                            "max_model_len": engine.cfg.max_position_embeddings}]}
+
+
+def _error_handlers(app) -> None:
+    """Every input error as an OpenAI error body with a 4xx status."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        return JSONResponse(status_code=status, content=error_body(message, param, kind))
+
+    @app.exception_handler(RequestError)
+    async def _refused(request, exc: RequestError):  # noqa: ARG001
+        return error(exc.status, exc.message, exc.param, exc.kind)
+
+    @app.exception_handler(Exception)
+    async def _failed(request, exc):  # noqa: ARG001 - a fault of ours (input errors never get here)
+        traceback.print_exception(exc)
+        return error(500, f"internal error: {type(exc).__name__}", None, "server_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc):  # noqa: ARG001
+        errs = exc.errors()
+        loc = ".".join(str(x) for x in errs[0]["loc"][1:]) if errs else None
+        msg = str(errs[0].get("msg", "")) if errs else ""
+        # The message may quote the input; never let a lone surrogate in it break the response.
+        msg = msg.encode("utf-8", "replace").decode("utf-8")
+        # param: the request field (the location also names the union member that was tried).
+        param = str(errs[0]["loc"][1]) if errs and len(errs[0]["loc"]) > 1 else None
+        return error(422 if errs and errs[0].get("type") != "json_invalid" else 400, f"invalid request: {loc}: {msg}",
+                     param)
+
+
+def create_app(engine: Engine, *, model_name: str = "codeneo", api_key: str | None = None,
+               limits: ServerLimits | None = None, **limit_overrides):
+    """The app over ``engine``: ``/v1/completions``, ``/v1/models``, ``/tokenize``,
+    ``/detokenize``, ``/tokenizer_info``, ``/metrics``, ``/health``. Bad requests get a 4xx naming
+    the field, a full queue 429, a request not answered within ``request_timeout`` s 504 (a
+    stream that makes no progress for that long ends with an error event). With ``api_key``
+    every route but ``/health`` needs ``Authorization: Bearer KEY``. ``limit_overrides`` are
+    ``ServerLimits`` fields."""
+    from fastapi import FastAPI, Request
+
+    limits = limits or ServerLimits(**limit_overrides)
+    metrics = ServerMetrics(engine)
+    app = FastAPI(title="codeneo completions")
+    _error_handlers(app)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        response = await call_next(request)
+        metrics.count(request.url.path, response.status_code)
+        return response
+
+    _info_routes(app, engine, model_name, metrics)
+    _tokenizer_routes(app, engine, model_name)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        from train.inference.decoding import NOT_FIM, encode_prompt
+        return await complete(engine, req, limits, metrics, model_name)
 
-        # An empty suffix asks nothing of a model without FIM; a FIM model infills before it.
-        suffix = req.suffix if req.suffix or (engine.fim and req.suffix is not None) else None
-        if suffix is not None and not engine.fim:
-            return error(400, f"suffix: {NOT_FIM}", "suffix")
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        if not prompts:
-            return error(400, "prompt: empty list", "prompt")
-        if not 1 <= req.max_tokens <= max_tokens_limit:
-            return error(400, f"max_tokens: must be between 1 and {max_tokens_limit}", "max_tokens")
-        if not 1 <= req.n <= max_n or req.n * len(prompts) > max_n:
-            return error(400, f"n: must be between 1 and {max_n} (times the number of prompts)", "n")
-        if not 0.0 <= req.temperature <= 2.0:
-            return error(400, "temperature: must be between 0 and 2", "temperature")
-        if not 0.0 < req.top_p <= 1.0:
-            return error(400, "top_p: must be in (0, 1]", "top_p")
-        stops = [] if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
-        if len(stops) > 4:
-            return error(400, "stop: at most 4 stop strings", "stop")
-        encoded = []
-        for p in prompts:
-            try:
-                ids = encode_prompt(engine.tok, p, suffix, engine.cfg, language=req.language) \
-                    if p or suffix is not None else []
-            except ValueError as err:
-                return error(400, str(err), "language")
-            if not ids:
-                ids = [engine.eos] if engine.eos is not None else []
-            if not ids:
-                return error(400, "prompt: empty", "prompt")
-            if len(ids) > max_prompt_tokens or len(ids) + req.max_tokens > positions:
-                what = "prompt and suffix" if suffix is not None else "prompt"
-                return error(400, f"prompt: {what}: {len(ids)} tokens + max_tokens {req.max_tokens} exceed the "
-                                  f"limit ({max_prompt_tokens} prompt tokens, {positions} positions)", "prompt")
-            encoded.append(ids)
-        seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()  # (choice index, new text | finished future), streaming only
-
-        def emitter(index: int):
-            # Called on the worker thread: hand the text to the event loop that serves the stream.
-            return lambda text: loop.call_soon_threadsafe(events.put_nowait, (index, text))
-
-        jobs = [Job(ids, req.max_tokens, req.temperature, req.top_p, seed + k, stops)
-                for ids in encoded for k in range(req.n)]
-        if req.stream:
-            for i, j in enumerate(jobs):
-                j.on_text = emitter(i)
-        futures = []
-        try:
-            for j in jobs:
-                futures.append(engine.submit(j))
-        except queue.Full:
-            for f in futures:
-                f.cancel()
-            return error(429, "server busy: request queue is full, retry later", None, "rate_limit_error")
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        base = {"id": rid, "object": "text_completion", "created": int(time.time()),
-                "model": req.model or model_name}
-        prompt_tokens = sum(len(e) for e in encoded) * req.n
-        if not req.stream:
-            try:
-                done = await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)),
-                                              timeout=request_timeout)
-            except TimeoutError:
-                for f in futures:  # the worker drops rows nobody waits for
-                    f.cancel()
-                return error(504, f"request timed out after {request_timeout} s", None, "timeout")
-            except ValueError as err:
-                return error(400, str(err), None)
-            choices = [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
-                       for i, c in enumerate(done)]
-            completion_tokens = sum(c.tokens for c in done)
-            return {**base, "choices": choices,
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                              "total_tokens": prompt_tokens + completion_tokens}}
-
-        for i, f in enumerate(futures):
-            f.add_done_callback(lambda f, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, f)))
-
-        def chunk(index: int, text: str, finish_reason: str | None) -> str:
-            body = {**base, "choices": [{"text": text, "index": index, "logprobs": None,
-                                         "finish_reason": finish_reason}]}
-            return f"data: {json.dumps(body)}\n\n"
-
-        async def sse():
-            open_choices = len(futures)
-            try:
-                while open_choices:
-                    try:
-                        index, item = await asyncio.wait_for(events.get(), timeout=request_timeout)
-                    except TimeoutError:
-                        # Headers are sent: the error can only travel as an event.
-                        err = {"message": f"no progress for {request_timeout} s", "type": "timeout",
-                               "param": None, "code": None}
-                        yield f"data: {json.dumps({'error': err})}\n\n"
-                        return
-                    if isinstance(item, str):
-                        yield chunk(index, item, None)
-                        continue
-                    open_choices -= 1
-                    if item.cancelled():
-                        return
-                    if item.exception() is not None:
-                        err = {"message": str(item.exception()), "type": "server_error", "param": None,
-                               "code": None}
-                        yield f"data: {json.dumps({'error': err})}\n\n"
-                        return
-                    yield chunk(index, "", item.result().finish_reason)
-                yield "data: [DONE]\n\n"
-            finally:
-                for f in futures:  # client gone or stream over: nothing left for the worker to do
-                    f.cancel()
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
-
-    return app
-
+    return Guard(app, api_key=api_key, max_body_bytes=limits.max_body_bytes, on_refused=metrics.count)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.serve", description=__doc__)
@@ -439,19 +525,32 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", default="codeneo")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every route but /health (visible in ps: prefer "
+                             "--api-key-file or the CODENEO_API_KEY environment variable)")
+    parser.add_argument("--api-key-file", default=None, help="read the API key from this file (first line)")
     parser.add_argument("--queue-size", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens accepted")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: positions)")
+    parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    parser.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                        help="continuous: requests join the running batch at segment boundaries; static: whole batches "
+                             "of requests with the same settings (see docs/benchmarks.md#serving)")
     args = parser.parse_args(argv)
+    try:
+        api_key = resolve_api_key(args.api_key, args.api_key_file)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
     import uvicorn
 
     from train.inference.decoding import load_model
 
     cfg, params, tok = load_model(args.run, args.hf)
-    engine = Engine(cfg, params, tok, queue_size=args.queue_size)
-    app = create_app(engine, model_name=args.model_name, api_key=args.api_key, max_tokens_limit=args.max_tokens,
-                     request_timeout=args.timeout)
+    engine = Engine(cfg, params, tok, queue_size=args.queue_size, continuous=args.batching == "continuous")
+    limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens,
+                          request_timeout=args.timeout, max_body_bytes=args.max_body_bytes)
+    app = create_app(engine, model_name=args.model_name, api_key=api_key, limits=limits)
     # uvicorn handles SIGTERM: stops accepting, finishes in-flight requests, then exits
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=60)
     engine.close()
