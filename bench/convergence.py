@@ -504,9 +504,9 @@ def main(argv: list[str] | None = None) -> dict:
     points_n = args.points or preset["points"]
     if cfg.train.max_steps < points_n:
         raise BenchError(f"--steps: {cfg.train.max_steps} steps cannot hold {points_n} checkpoints (--points)")
+    if cfg.train.max_steps % points_n:
+        raise BenchError(f"--points: {points_n} does not divide --steps {cfg.train.max_steps} (evenly spaced points)")
     points = checkpoint_steps(cfg.train.max_steps, points_n)
-    if any(p % points[0] for p in points):
-        raise BenchError(f"--points: {points_n} does not divide --steps {cfg.train.max_steps} evenly")
     log_every = min(preset["log_every"], points[0])
     tokens_per_step = cfg.train.batch_size * cfg.data.block_size
     log(f"recipe: {cfg.train.max_steps} steps x {cfg.train.batch_size} x {cfg.data.block_size} = "
