@@ -209,3 +209,31 @@ def test_eval_at_start_logs_the_untrained_model_as_step_0(tiny_corpus, tmp_path)
     assert [r["step"] for r in evals] == [0, 4] and out["step"] == 4
     assert evals[0]["eval_loss"] == pytest.approx(math.log(512), rel=0.05)  # an untrained model: ~uniform
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_global_batch_the_order_cannot_serve_is_refused_in_one_line(tiny_corpus, tmp_path):
+    """More rows per batch than one epoch of the training set holds: refused before the first step."""
+    with pytest.raises(C.ConfigError, match=r"^train\.batch_size: ") as err:
+        train(_cfg(tiny_corpus, tmp_path / "run", "train.batch_size=65536", "data.block_size=64"))
+    assert "\n" not in str(err.value)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one_exactly(tiny_corpus, tmp_path, capsys):
+    """A file of the latest checkpoint truncated: the run says so in one line, sets it aside,
+    resumes from the previous checkpoint and continues bit-exactly (losses equal an uninterrupted
+    run's), and metrics.jsonl holds each step once."""
+    full = train(_cfg(tiny_corpus, tmp_path / "full", "train.max_steps=10", "train.eval_every=0"))
+    cfg = _cfg(tiny_corpus, tmp_path / "part", "train.max_steps=10", "train.eval_every=0")
+    train(cfg, stop_after=8)  # checkpoints at 4 and 8
+    files = [p for p in (tmp_path / "part" / "checkpoints" / "8").rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    capsys.readouterr()
+    out = train(cfg)
+    printed = capsys.readouterr().out
+    assert "checkpoint step 8" in printed and "cannot be restored" in printed and "resumed from step 4" in printed
+    assert out["step"] == 10 and list((tmp_path / "part" / "checkpoints_damaged").iterdir())
+    ref = {r["step"]: r["loss"] for r in full["history"]}
+    got = [r for r in read_metrics(tmp_path / "part") if "loss" in r]
+    assert [r["step"] for r in got] == list(range(1, 11))  # each step once
+    assert all(r["loss"] == ref[r["step"]] for r in got), (got, ref)

@@ -54,6 +54,13 @@ def main(argv=None) -> int:
     except C.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from train.core.loop import TrainingError  # a diverged run, or no checkpoint left to resume
+
+        if not isinstance(err, TrainingError):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except ValueError as err:
         # Bad data found by the loader or the token cache build (a corrupt, truncated or empty
         # shard, a bad record): the message names the file (and line); anything else goes on up.

@@ -136,10 +136,16 @@ def make_train_loader(cfg: C.Config, *, quiet: bool = False):
         ensure_token_cache(cfg, cache)
     reason = stream_reason(cfg, cache)
     if reason is None:
-        return GlobalOrderLoader(cache, source=d.train_dir, tokenizer_path=cfg.tokenizer.path,
-                                 block_size=d.block_size, global_batch_size=cfg.train.batch_size,
-                                 seed=cfg.train.seed, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), encode=encode_options(cfg), skip_bad=d.skip_bad)
+        try:
+            return GlobalOrderLoader(cache, source=d.train_dir, tokenizer_path=cfg.tokenizer.path,
+                                     block_size=d.block_size, global_batch_size=cfg.train.batch_size,
+                                     seed=cfg.train.seed, process_index=jax.process_index(),
+                                     process_count=jax.process_count(), encode=encode_options(cfg),
+                                     skip_bad=d.skip_bad)
+        except ValueError as err:
+            if str(err).startswith("train.batch_size:"):  # a global batch the order cannot serve
+                raise C.ConfigError(str(err)) from err
+            raise
     if jax.process_index() == 0 and not quiet:
         print(f"[train] data order: streaming loader ({reason})", flush=True)
     return TokenLoader(
@@ -195,12 +201,37 @@ class Start:
     restart_epoch: int | None = None
 
 
+def restore_newest_complete(ckpt: Checkpointer, compiled, damaged_dir: Path):
+    """``(step, state, loader states)`` of the newest checkpoint that restores, or None when the
+    run has none. A newer one that cannot be restored (a truncated or missing file) is reported in
+    one line and, once an older one restored, set aside into ``damaged_dir`` (it would block saving
+    that step again). When none restores (a changed model, say) nothing is moved: one line says so."""
+    failed: list[tuple[int, str]] = []
+    for step in reversed(ckpt.steps()):
+        try:
+            state, loader_states, _ = ckpt.restore(step, compiled.abstract_state)
+        except Exception as err:  # tensorstore/orbax raise many kinds; the step is what matters
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            failed.append((step, f"{type(err).__name__}: {first}"))
+            print(f"[train] checkpoint step {step} in {ckpt.directory} cannot be restored ({failed[-1][1]}); "
+                  "trying the previous one", flush=True)
+            continue
+        for bad, _ in failed:
+            print(f"[train] damaged checkpoint step {bad} moved to {ckpt.set_aside(bad, damaged_dir)}", flush=True)
+        return step, state, loader_states
+    if failed:
+        raise TrainingError(f"{ckpt.directory}: no checkpoint can be restored (step {failed[0][0]}: {failed[0][1]}); "
+                            "was the model changed? Use another run.output_dir, or remove its checkpoints to "
+                            "start from step 0")
+    return None
+
+
 def start_or_resume(cfg: C.Config, compiled, ckpt: Checkpointer) -> Start:
-    """Restore the latest checkpoint of the run (resharded onto this mesh), or initialise."""
-    step = ckpt.latest_step()
-    if step is None:
+    """Restore the newest complete checkpoint of the run (resharded onto this mesh), or initialise."""
+    found = restore_newest_complete(ckpt, compiled, Path(cfg.run.output_dir) / "checkpoints_damaged")
+    if found is None:
         return Start(initial_state(cfg, compiled), None)
-    state, loader_states, _ = ckpt.restore(step, compiled.abstract_state)
+    step, state, loader_states = found
     first = loader_states.get("0") or {}
     if first.get("kind") == "global_order":
         # The global order's position is the same on every process: any process count continues it.

@@ -9,6 +9,8 @@ shardings, so a checkpoint restores onto a different mesh (resharding).
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,24 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """Every complete checkpoint's step, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def set_aside(self, step: int, folder: Path) -> Path:
+        """Move checkpoint ``step`` (one that cannot be restored) into ``folder``: kept for a
+        post-mortem, out of the way of the step being saved again. Process 0 moves it."""
+        target = Path(folder) / f"{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.directory / str(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"codeneo set aside checkpoint {step}")
+        self.manager.reload()
+        return target
 
     def save(self, step: int, state, loader_states: dict[str, Any], meta: dict[str, Any], *, force: bool = False):
         """Save ``state`` (a pytree of global jax.Arrays), the JSON loader states of all hosts,
