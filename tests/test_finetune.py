@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import hf_folder, tiny_hf_gpt2, tiny_hf_gpt_neo
+from tests.helpers import hf_folder, stdlib_texts, tiny_hf_gpt2, tiny_hf_gpt_neo
 
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "HF_HUB_OFFLINE": "1",
        "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu"}
@@ -112,3 +112,26 @@ def test_control_codes_and_fim_grow_the_vocabulary_from_a_checkpoint(tiny_corpus
     exported = json.loads((tmp_path / "out" / "config.json").read_text())
     assert exported["vocab_size"] == 512 + len(wanted)
     assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) == 512 + len(wanted)
+
+
+def test_init_from_brings_its_own_tokenizer_and_a_foreign_one_is_refused(tiny_corpus, tmp_path):
+    """``--set model.init_from=FOLDER`` on configs/tiny.yaml (which names its own tokenizer) uses the
+    folder's tokenizer; a tokenizer given with it whose ids do not fit the model is refused in one
+    line naming both."""
+    from tokenizer.train_tokenizer import save_tokenizer, train_bpe, wrap_fast
+    from train import config as C
+    from train.run import resolve
+
+    _, tok_dir = tiny_corpus
+    hf_dir = hf_folder(tiny_hf_gpt_neo(vocab_size=512), tok_dir, tmp_path / "hf")
+    cfg = C.load("configs/tiny.yaml", [f"model.init_from={hf_dir}", "data.block_size=32"])
+    assert cfg.tokenizer.path == ""  # tiny.yaml's artifacts/tokenizer was written for tiny.yaml's model
+    assert resolve(cfg, 8).tokenizer.path == str(hf_dir)
+    big = tmp_path / "big_tok"
+    save_tokenizer(wrap_fast(train_bpe(stdlib_texts(300_000), vocab_size=600, progress=False)), big)
+    foreign = C.load("configs/tiny.yaml", [f"model.init_from={hf_dir}", f"tokenizer.path={big}", "data.block_size=32"])
+    assert foreign.tokenizer.path == str(big)  # given on the command line: kept
+    with pytest.raises(C.ConfigError, match=r"^tokenizer\.path: ") as err:
+        resolve(foreign, 8)
+    message = str(err.value)
+    assert "\n" not in message and str(big) in message and str(hf_dir) in message

@@ -495,6 +495,21 @@ def validate_for_devices(cfg: Config, device_count: int) -> tuple[int, int, int]
     return data, fsdp, tensor
 
 
+def _tokenizer_follows_init_from(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """A ``model.init_from`` given by ``--set`` brings its folder's tokenizer: the file's
+    ``tokenizer.path`` was written for the file's model, so it is dropped unless ``--set`` gives
+    one too (a config written for that model, with both keys, keeps its own)."""
+    def get(d: dict, section: str, key: str):
+        return (d.get(section) or {}).get(key) if isinstance(d.get(section) or {}, dict) else None
+
+    new_model = get(after, "model", "init_from")
+    if not new_model or new_model == get(before, "model", "init_from"):
+        return after
+    if get(after, "tokenizer", "path") != get(before, "tokenizer", "path"):
+        return after  # tokenizer.path given on the command line
+    return {**after, "tokenizer": {**(after.get("tokenizer") or {}), "path": ""}}
+
+
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults), apply ``--set`` overrides, validate."""
     data: dict[str, Any] = {}
@@ -509,7 +524,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML ({err})") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    data = apply_overrides(data, overrides or [])
+    data = _tokenizer_follows_init_from(data, apply_overrides(data, overrides or []))
     cfg = _build(Config, data, "")
     validate(cfg)
     return cfg

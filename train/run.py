@@ -51,6 +51,7 @@ def resolve(cfg: C.Config, device_count: int) -> C.Config:
         if not cfg.tokenizer.path:
             cfg = C.replace(cfg, tokenizer={"path": cfg.model.init_from})
         size = _tokenizer_size(cfg.tokenizer.path)
+        check_tokenizer_fits(cfg, json.loads(hf_cfg.read_text()), size, arch.vocab_size)
         if size > cfg.model.vocab_size:
             # Tokens added for this run (control codes, FIM sentinels): the embedding grows.
             cfg = C.replace(cfg, model={"vocab_size": size})
@@ -69,6 +70,23 @@ def resolve(cfg: C.Config, device_count: int) -> C.Config:
         cfg = C.replace(cfg, optimizer={"grad_accum_steps": C.grad_accum_steps(cfg, device_count)})
     C.validate_for_devices(cfg, device_count)
     return cfg
+
+
+def check_tokenizer_fits(cfg: C.Config, hf_config: dict[str, Any], size: int, model_vocab: int) -> None:
+    """Refuse a tokenizer that does not belong to the ``model.init_from`` model: more tokens than
+    its embedding rows (besides the marker tokens this run adds), or another end-of-text id."""
+    added = len(vocab.special_tokens_for(cfg.data))  # the embedding grows by these rows only
+    if size > model_vocab + added:
+        raise C.ConfigError(
+            f"tokenizer.path: {cfg.tokenizer.path} has {size} tokens, more than the {model_vocab} of model.init_from "
+            f"{cfg.model.init_from}" + (f" plus the {added} marker tokens this run adds" if added else "")
+            + "; leave tokenizer.path empty to use the model's own tokenizer")
+    eos = hf_config.get("eos_token_id")
+    _, tok_eos = tokenizer_info(cfg.tokenizer.path)
+    if isinstance(eos, int) and eos != tok_eos:
+        raise C.ConfigError(
+            f"tokenizer.path: {cfg.tokenizer.path} has <|endoftext|> at id {tok_eos}, model.init_from "
+            f"{cfg.model.init_from} ends text with id {eos} (config.json eos_token_id)")
 
 
 def next_epoch(loader_states: dict[str, Any]) -> int:
