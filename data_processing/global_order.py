@@ -354,6 +354,19 @@ class GlobalOrderLoader:
         self.position = position
         self._ahead.clear()
 
+    def restart_at_epoch(self, epoch: int) -> None:
+        """Start at the first row of ``epoch`` (its own seeded permutation): where a run continues
+        when its saved position belongs to another stream (the tokenizer or the shards changed)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.position = epoch * self.rows_per_epoch
+        self._ahead.clear()
+
+    @staticmethod
+    def next_epoch_of(state: dict[str, Any]) -> int:
+        """The first epoch after the one a saved state had reached."""
+        return int(state.get("position", 0)) // max(int(state.get("rows_per_epoch") or 1), 1) + 1
+
     def close(self) -> None:
         """Release the memory-mapped token arrays; the loader cannot be used afterwards."""
         self._open = None

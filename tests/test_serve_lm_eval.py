@@ -16,7 +16,7 @@ import pytest
 from tests.test_serve import _free_port
 from tests.test_trainer import _cfg
 
-CODE = (Path(__file__).parents[1] / "train" / "generate.py").read_text(encoding="utf-8")
+CODE = (Path(__file__).parents[1] / "train" / "inference" / "decoding.py").read_text(encoding="utf-8")
 
 TASKS = """
 task: {name}
@@ -81,10 +81,9 @@ def _evaluate(model, model_args, include):
 
 @pytest.mark.slow
 def test_lm_eval_local_completions_equals_hf(tiny_corpus, tmp_path):
-    from train.trainer import train
-
     from train.inference.decoding import decode_text, generate_ids, load_model
     from train.interop.export import export
+    from train.run import train
 
     train(_cfg(tiny_corpus, tmp_path / "run", "train.max_steps=3", "train.eval_every=0"))
     hf_dir, _ = export(str(tmp_path / "run"), str(tmp_path / "hf"))

@@ -267,6 +267,22 @@ def start_or_resume(cfg: C.Config, compiled, ckpt: Checkpointer) -> Start:
     return Start(state, step, restart_epoch=epoch)
 
 
+def restore_data_position(loader, state: dict[str, Any]) -> None:
+    """Continue the saved data position; a global-order position saved over another stream (the
+    tokenizer grew, the shards changed) continues at the start of the next epoch of the new one."""
+    from data_processing.global_order import GlobalOrderLoader
+
+    if isinstance(loader, GlobalOrderLoader) and state.get("kind") == "global_order" \
+            and state.get("corpus") != loader.state()["corpus"]:
+        epoch = GlobalOrderLoader.next_epoch_of(state)
+        if jax.process_index() == 0:
+            print(f"[train] the training stream changed since the checkpoint (tokenizer or shards): the data order "
+                  f"restarts at epoch {epoch}", flush=True)
+        loader.restart_at_epoch(epoch)
+        return
+    loader.restore(state)
+
+
 def _throughput(cfg: C.Config) -> Throughput:
     """Tokens/s and MFU against the device's vendor peak (none on a CPU: tokens/s only)."""
     device = jax.devices()[0]
@@ -343,7 +359,7 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
         loader, eval_set = make_train_loader(cfg), make_eval_set(cfg)
         try:
             if start.loader_state is not None:
-                loader.restore(start.loader_state)
+                restore_data_position(loader, start.loader_state)
             elif start.restart_epoch is not None and hasattr(loader, "restart_at_epoch"):
                 loader.restart_at_epoch(start.restart_epoch)
         except ValueError as err:  # a state written by the other loader, or by another corpus

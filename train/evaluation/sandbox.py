@@ -370,7 +370,9 @@ def _hidden_dirs(root: bool) -> list[str]:
     """Directories the sandbox sees as empty: home directories (tokens, keys), and as root the
     topmost directory closed to others above each interpreter prefix (e.g. /root for a pyenv
     Python), which the sample's uid could not enter anyway."""
-    dirs = {"/home", "/root", os.path.realpath(os.path.expanduser("~"))}
+    # /tmp and /run too (other users' files, host sockets); an interpreter installed below one of
+    # these (a venv in a clone under /tmp, as CI may make) is bound back by ``_hiding_mounts``.
+    dirs = {"/tmp", "/run", "/home", "/root", os.path.realpath(os.path.expanduser("~"))}
     if root:
         dirs |= {d for d in map(_closed_ancestor, _interpreter_prefixes()) if d}
     system = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc")  # a $HOME of / or /usr must stay visible
@@ -422,11 +424,11 @@ def _bwrap_argv(scratch: int | None, uid: int | None, info_fd: int | None) -> li
     if uid is None:
         argv += ["--unshare-user", "--disable-userns", "--uid", str(_INNER_UID), "--gid", str(_INNER_UID)]
     setup, remount = _hiding_mounts(uid is not None)
-    argv += ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run", *setup]
+    argv += ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", *setup]
     if scratch is not None:  # its own directory: a private tmpfs, so it can fill neither disk nor memory
         argv += ["--perms", "1777", "--size", str(scratch), "--tmpfs", SAMPLE_DIR]
     home = SAMPLE_DIR if scratch is not None else "/tmp"
-    argv += ["--remount-ro", "/tmp", "--remount-ro", "/run", "--remount-ro", "/dev", *remount,
+    argv += ["--remount-ro", "/dev", *remount,
              "--clearenv", "--chdir", home]
     for key, value in _environment(home).items():
         argv += ["--setenv", key, value]
