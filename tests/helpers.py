@@ -110,3 +110,15 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout:.0f} s")
         time.sleep(interval)
+
+
+def code_record(repo: str, name: str, text: str) -> dict:
+    """A shard record of Python ``text`` as ingest writes it (repository, file, language, license, size)."""
+    return {"text": text, "meta": {"repo_name": repo, "file_name": name, "language": "Python",
+                                   "license": "PSF-2.0", "size": len(text.encode("utf-8"))}}
+
+
+def near_copy(text: str, every: int = 30) -> str:
+    """A near duplicate of ``text``: every ``every``-th line gets a trailing comment (Jaccard well above 0.85)."""
+    lines = text.splitlines()
+    return "\n".join(line + "  # changed" if i % every == 0 else line for i, line in enumerate(lines)) + "\n"

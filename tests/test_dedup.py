@@ -9,32 +9,23 @@ import pytest
 from data_processing import dedup
 from data_processing.dedup import DedupParams, plan_dedup
 from data_processing.shards import ShardWriter, iter_dir_records, iter_records, write_shard
+from tests.helpers import code_record, near_copy
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 NAMES = ["bisect.py", "heapq.py", "textwrap.py", "shlex.py", "fnmatch.py", "json/decoder.py", "glob.py"]
 
 
-def rec(repo, name, text):
-    return {"text": text, "meta": {"repo_name": repo, "file_name": name, "language": "Python",
-                                   "license": "PSF-2.0", "size": len(text.encode("utf-8"))}}
-
-
-def edit(text, every=30):
-    lines = text.splitlines()
-    return "\n".join(line + "  # changed" if i % every == 0 else line for i, line in enumerate(lines)) + "\n"
-
-
 @pytest.fixture
 def corpus():
     texts = {n: (STDLIB / n).read_text() for n in NAMES}
-    records = [rec("m-orig", n, t) for n, t in texts.items()]
+    records = [code_record("m-orig", n, t) for n, t in texts.items()]
     records += [
-        rec("z-exact", "bisect.py", texts["bisect.py"].replace("\n", "\r\n").replace("    ", "\t")),
-        rec("z-exact", "bisect_again.py", texts["bisect.py"]),
-        rec("a-near", "heapq_fork.py", edit(texts["heapq.py"])),  # sorts first: survives its cluster
-        rec("z-near", "textwrap.py", edit(texts["textwrap.py"], 20)),
-        rec("z-near", "textwrap2.py", edit(texts["textwrap.py"], 25)),
-        rec("z-far", "shlex.py", edit(texts["shlex.py"], 2)),  # half the lines changed: not a duplicate
+        code_record("z-exact", "bisect.py", texts["bisect.py"].replace("\n", "\r\n").replace("    ", "\t")),
+        code_record("z-exact", "bisect_again.py", texts["bisect.py"]),
+        code_record("a-near", "heapq_fork.py", near_copy(texts["heapq.py"])),  # sorts first: survives its cluster
+        code_record("z-near", "textwrap.py", near_copy(texts["textwrap.py"], 20)),
+        code_record("z-near", "textwrap2.py", near_copy(texts["textwrap.py"], 25)),
+        code_record("z-far", "shlex.py", near_copy(texts["shlex.py"], 2)),  # half the lines changed: not a duplicate
     ]
     return records
 

@@ -11,21 +11,11 @@ import pytest
 from data_processing import dedup, minhash
 from data_processing.dedup import DedupParams, plan_dedup
 from data_processing.shards import iter_dir_records, write_shard
+from tests.helpers import code_record, near_copy
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 OLD_NAMES = ["bisect.py", "heapq.py", "textwrap.py", "shlex.py", "fnmatch.py"]
 NEW_NAMES = ["glob.py", "json/decoder.py", "calendar.py"]
-
-
-def rec(repo, name, text):
-    return {"text": text, "meta": {"repo_name": repo, "file_name": name, "language": "Python",
-                                   "license": "PSF-2.0", "size": len(text.encode("utf-8"))}}
-
-
-def edit(text, every=30):
-    """A near copy: every ``every``-th line gets a trailing comment (Jaccard well above 0.85)."""
-    lines = text.splitlines()
-    return "\n".join(line + "  # changed" if i % every == 0 else line for i, line in enumerate(lines)) + "\n"
 
 
 @pytest.fixture
@@ -33,18 +23,18 @@ def old_and_new(tmp_path):
     """OLD: a deduplicated corpus (the dedup CLI's output). NEW: exact and near copies of OLD files
     under names that sort *before* the originals, a near-duplicate pair of new files, and new files."""
     texts = {n: (STDLIB / n).read_text() for n in OLD_NAMES + NEW_NAMES}
-    write_shard(tmp_path / "old_in" / "a.jsonl.zst", [rec("m-old", n, texts[n]) for n in OLD_NAMES])
+    write_shard(tmp_path / "old_in" / "a.jsonl.zst", [code_record("m-old", n, texts[n]) for n in OLD_NAMES])
     assert dedup.main(["--input", str(tmp_path / "old_in"), "--output", str(tmp_path / "old"), "--workers", "1",
                        "--quiet"]) == 0
     new = [
-        rec("a-copy", "bisect.py", texts["bisect.py"].replace("    ", "\t")),  # exact (whitespace only)
-        rec("a-fork", "heapq_fork.py", edit(texts["heapq.py"])),  # near
-        rec("z-new", "glob.py", texts["glob.py"]),
-        rec("b-new", "glob_fork.py", edit(texts["glob.py"], 25)),  # near copy of a *new* file
-        rec("z-new", "json/decoder.py", texts["json/decoder.py"]),
+        code_record("a-copy", "bisect.py", texts["bisect.py"].replace("    ", "\t")),  # exact (whitespace only)
+        code_record("a-fork", "heapq_fork.py", near_copy(texts["heapq.py"])),  # near
+        code_record("z-new", "glob.py", texts["glob.py"]),
+        code_record("b-new", "glob_fork.py", near_copy(texts["glob.py"], 25)),  # near copy of a *new* file
+        code_record("z-new", "json/decoder.py", texts["json/decoder.py"]),
     ]
     write_shard(tmp_path / "new" / "a.jsonl.zst", new[:3])
-    write_shard(tmp_path / "new" / "b.jsonl.zst", new[3:] + [rec("z-new", "calendar.py", texts["calendar.py"])])
+    write_shard(tmp_path / "new" / "b.jsonl.zst", new[3:] + [code_record("z-new", "calendar.py", texts["calendar.py"])])
     return tmp_path / "old", tmp_path / "new"
 
 
@@ -92,7 +82,7 @@ def test_no_kept_record_is_a_near_duplicate_of_old_or_of_each_other(old_and_new)
 def test_same_kept_set_as_a_run_without_against_when_nothing_overlaps(old_and_new, tmp_path):
     """Against an unrelated corpus, the kept set is what a plain run keeps (same rule, same order)."""
     _, new = old_and_new
-    write_shard(tmp_path / "other" / "o.jsonl.zst", [rec("o", "x.py", (STDLIB / "csv.py").read_text())])
+    write_shard(tmp_path / "other" / "o.jsonl.zst", [code_record("o", "x.py", (STDLIB / "csv.py").read_text())])
     new_paths = [str(p) for p in sorted(new.glob("*.jsonl.zst"))]
     plain = plan_dedup(new_paths, workers=1, progress=False)
     against = plan_dedup(new_paths, workers=1, progress=False, against=[str(tmp_path / "other" / "o.jsonl.zst")])
