@@ -28,7 +28,7 @@ import numpy as np
 from train.evaluation import sandbox
 
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
-KS = (1, 2, 5, 10)
+KS = (1, 2, 5, 10, 100)
 DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "evaluation.md"
 
 

