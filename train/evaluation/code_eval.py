@@ -14,7 +14,6 @@ No JAX at import time: the harness runs on any CPU machine.
 
 from __future__ import annotations
 
-import datetime as _dt
 import gzip
 import json
 import os
@@ -29,7 +28,6 @@ from train.evaluation import sandbox
 
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
 KS = (1, 2, 5, 10, 100)
-DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "evaluation.md"
 
 
 # --------------------------------------------------------------------------- problems
@@ -153,44 +151,6 @@ def summarize(rows: list[dict]) -> dict:
         if per_task and k <= n_min:
             summary[f"pass@{k}"] = float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()]))
     return summary
-
-
-def append_summary(path: str | os.PathLike | None, row: dict) -> Path:
-    """Append ``row`` to the markdown results table in ``path`` (default ``docs/evaluation.md``),
-    creating the file and header from ``row``'s keys when there is no table yet. An existing
-    header decides the column order; unknown keys are dropped, missing ones left blank."""
-    path = Path(path) if path is not None else DOCS_PATH
-
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return f"{v:.4f}"
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    header = None
-    for line in text.splitlines():
-        if line.startswith("| date |"):
-            header = [c.strip() for c in line.strip().strip("|").split("|")]
-            break
-    if header is None:
-        header = list(row)
-        if "date" in header:
-            header.remove("date")
-        header = ["date", *header]
-        if not text:
-            text = ("# Evaluation\n\nHumanEval functional correctness (`python -m train.evaluate_humaneval`). "
-                    "pass@k is the unbiased estimator averaged over tasks; completions are cut at the first "
-                    "`\\ndef`, `\\nclass`, `\\nif`, `\\nprint` or `\\n#`.\n")
-        text = text.rstrip("\n") + "\n\n" + "| " + " | ".join(header) + " |\n" \
-            + "|" + "|".join("---" for _ in header) + "|\n"
-    values = dict(row)
-    values.setdefault("date", _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M"))
-    line = "| " + " | ".join(cell(values.get(c, "")) for c in header) + " |\n"
-    if not text.endswith("\n"):
-        text += "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + line, encoding="utf-8")
-    return path
 
 
 def humaneval_quick(completion_fn, n_tasks: int = 20, samples: int = 1, seed: int = 0, workers: int = 2,

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data_processing.tokens import EOS_TOKEN
+from train.evaluation.results_table import append_row
 
 
 def replay(text: str, propose: Callable[[str], str]) -> dict:
@@ -121,14 +122,11 @@ def main(argv=None) -> int:
     summary = {"model": args.run or args.hf, **summarize(results)}
     print(json.dumps(summary))
     if args.report:
-        path = Path(args.report)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            path.write_text("# Completion evaluation\n\n| model | files | keystrokes saved % | exact line % | "
-                            "mean latency ms | p95 latency ms |\n|---|---|---|---|---|---|\n")
-        with path.open("a") as f:
-            f.write(f"| {summary['model']} | {summary['files']} | {summary['keystrokes_saved_pct']} | "
-                    f"{summary['exact_line_pct']} | {summary['latency_mean_ms']} | {summary['latency_p95_ms']} |\n")
+        row = {"model": summary["model"], "files": summary["files"],
+               "keystrokes saved %": summary["keystrokes_saved_pct"], "exact line %": summary["exact_line_pct"],
+               "mean latency ms": summary["latency_mean_ms"], "p95 latency ms": summary["latency_p95_ms"]}
+        append_row(args.report, "Keystrokes saved", row, "`python -m train.evaluate_completion`: held-out files "
+                   "replayed as a developer typing them (greedy line proposals).")
     return 0
 
 

@@ -30,10 +30,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.evaluation.code_eval import append_summary, read_problems, run_sample
+from train.evaluation.code_eval import read_problems, run_sample
+from train.evaluation.results_table import append_row
 from train.evaluation.sandbox import SandboxUnavailableError, require_isolation
 
 MODES = ("single-line", "multi-line")
+TABLE = "Fill-in-the-middle"
+TABLE_INTRO = ("`python -m train.evaluate_fim`: HumanEval's canonical solutions with one line (single-line) or a "
+               "span of lines (multi-line) masked; greedy middles; exact match of the lines and pass@1 of the "
+               "infilled program in the sandbox.")
 MAX_NEW_TOKENS = {"single-line": 64, "multi-line": 256}
 
 
@@ -220,9 +225,9 @@ def main(argv=None) -> int:
     print(f"\n{benchmark}: {model}  ({seconds:.1f} s)\n| tasks | exact match | pass@1 |\n|---|---|---|\n"
           f"| {summary['tasks']} | {summary['exact_match']:.4f} | {summary['pass@1']:.4f} |")
     if not args.no_docs:
-        row = {"benchmark": benchmark, "model": model, "tasks": summary["tasks"], "samples": 1, "temperature": 0.0,
+        row = {"benchmark": benchmark, "model": model, "tasks": summary["tasks"],
                "exact_match": summary["exact_match"], "pass@1": summary["pass@1"], "note": args.note}
-        print(f"appended to {append_summary(args.docs, row)}")
+        print(f"appended to {append_row(args.docs, TABLE, row, TABLE_INTRO)}")
     return 0
 
 

@@ -35,9 +35,14 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from train.evaluation.code_eval import KS, append_summary, evaluate, read_problems, truncate
+from train.evaluation.code_eval import KS, evaluate, read_problems, truncate
+from train.evaluation.results_table import append_row
 from train.evaluation.sandbox import SandboxUnavailableError, require_isolation
 
+TABLE = "pass@k"
+TABLE_INTRO = ("`python -m train.evaluate_humaneval` (HumanEval, or the file of `--problems`): pass@k is the "
+               "unbiased estimator averaged over tasks; completions are cut at the first `\\ndef`, `\\nclass`, "
+               "`\\nif`, `\\nprint` or `\\n#`.")
 CODEX_PASSES = ((0.2, tuple(k for k in KS if k < 10)), (0.8, tuple(k for k in KS if k >= 10)))
 
 
@@ -178,7 +183,7 @@ def main(argv=None) -> int:
                "temperature": temperature, "top_p": args.top_p if temperature else ""}
         row.update({f"pass@{k}": summary.get(f"pass@{k}", "") for k in KS})
         row["note"] = args.note or ("harness self-check" if args.canonical else "")
-        path = append_summary(args.docs, row)
+        path = append_row(args.docs, TABLE, row, TABLE_INTRO)
         print(f"appended to {path}")
     return 0
 
