@@ -82,3 +82,69 @@ def test_inactive_writer_and_no_resume_step_leave_the_file_alone(tmp_path):
     writer = MetricsWriter(tmp_path, _config(), resume_step=0)  # a fresh start after a crash before any save
     assert writer.truncate_after(0) == 0
     assert read_metrics(tmp_path) == [{"note": "run started"}]
+
+
+def _offline_history(run_dir, run_id):
+    """Every history row of the offline wandb runs of ``run_id`` under ``run_dir/wandb`` (not the
+    superseded ones), read from their ``.wandb`` files: leveldb-log blocks of protobuf records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rows = []
+    for path in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        data, pos, chunks, part = path.read_bytes(), 7, [], b""  # 7: the ":W&B" file header
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            if left < 7:
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0:
+                pos += left
+                continue
+            part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # FULL, LAST
+                chunks.append(part)
+                part = b""
+        for chunk in chunks:
+            rec = pb.Record()
+            rec.ParseFromString(chunk)
+            if rec.WhichOneof("record_type") == "history":
+                row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                rows.append({k: v for k, v in row.items() if k == "_step" or not k.startswith("_")})
+    return rows
+
+
+@pytest.mark.slow
+def test_wandb_offline_history_holds_each_step_once_after_a_resume(tmp_path, monkeypatch):
+    """A crashed attempt logged steps 10..50 to wandb; the run resumes from 30: the offline run
+    to sync holds 10, 20, 30 (replayed) and the new 40, 50, once each, and the lost attempt's
+    directory is set aside."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # conftest disables wandb for every other test
+    cfg = tiny_config("logging.wandb_mode=offline")
+    first = MetricsWriter(tmp_path, cfg, resume_step=0)
+    for step in range(10, 60, 10):
+        first.write({"step": step, "loss": 10.0 - step / 10})
+    first.close()
+    wandb.teardown()  # waits for wandb's service to write out every record (finish() may return before)
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    assert [r["_step"] for r in _offline_history(tmp_path, run_id)] == [10, 20, 30, 40, 50]
+
+    second = MetricsWriter(tmp_path, cfg, resume_step=30)
+    for step in (40, 50):
+        second.write({"step": step, "loss": 1.0})
+    second.close()
+    wandb.teardown()
+    assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id
+    history = _offline_history(tmp_path, run_id)
+    assert [(r["_step"], r["loss"]) for r in history] == [(10, 9.0), (20, 8.0), (30, 7.0), (40, 1.0), (50, 1.0)]
+    assert len(list((tmp_path / "wandb" / "superseded").glob(f"offline-run-*-{run_id}"))) == 1
+
+    third = MetricsWriter(tmp_path, cfg, resume_step=50)  # nothing lost: the run simply continues
+    third.write({"step": 60, "loss": 0.5})
+    third.close()
+    wandb.teardown()
+    assert [r["_step"] for r in _offline_history(tmp_path, run_id)] == [10, 20, 30, 40, 50, 60]

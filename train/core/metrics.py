@@ -107,18 +107,12 @@ class MetricsWriter:
         if not active:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            self.truncate_after(resume_step)
+        dropped = self.truncate_after(resume_step) if resume_step is not None else 0
         if cfg.logging.wandb_mode != "disabled":
-            import wandb
-
-            from train.config import to_dict
-
-            self._wandb = wandb.init(
-                project=cfg.logging.wandb_project, name=cfg.run.name or Path(cfg.run.output_dir).name,
-                dir=str(Path(run_dir)), mode=cfg.logging.wandb_mode, config=to_dict(cfg), resume="allow",
-                id=_wandb_id(run_dir),
-            )
+            self._wandb = _start_wandb(run_dir, cfg, replay=dropped > 0)
+            if dropped:
+                for record in read_metrics(run_dir):
+                    self._log_wandb(record)
 
     def truncate_after(self, step: int) -> int:
         """Drop the records of steps after ``step`` (and a line torn by a crash mid-write) from
@@ -133,7 +127,10 @@ class MetricsWriter:
         clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
-        if self._wandb is not None:
+        self._log_wandb(record)
+
+    def _log_wandb(self, record: dict[str, Any]) -> None:
+        if self._wandb is not None and isinstance(record.get("step"), int):
             self._wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
     def close(self) -> None:
@@ -181,10 +178,44 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> int:
     return dropped
 
 
-def _wandb_id(run_dir) -> str:
+def _start_wandb(run_dir, cfg: Config, *, replay: bool):
+    """The run's wandb run. ``replay``: an attempt logged steps the run has lost (see
+    ``MetricsWriter``), which wandb would keep, since it drops a step logged again. Offline, the
+    attempts' directories of this run id move to ``wandb/superseded/`` and the caller replays
+    ``metrics.jsonl`` into a new one, so ``wandb sync`` uploads each step once; online, the server
+    holds the lost steps, so the run continues under a new id (the old run keeps the lost attempt)."""
+    import wandb
+
+    from train.config import to_dict
+
+    run_id = _wandb_id(run_dir)
+    if replay and cfg.logging.wandb_mode == "offline":
+        _supersede_offline_runs(Path(run_dir) / "wandb", run_id)
+    elif replay:
+        old, run_id = run_id, _wandb_id(run_dir, renew=True)
+        print(f"[train] wandb: steps after the checkpoint were lost; run {old} keeps them, "
+              f"this run continues as {run_id} with the kept history replayed", flush=True)
+    return wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name or Path(cfg.run.output_dir).name,
+                      dir=str(Path(run_dir)), mode=cfg.logging.wandb_mode, config=to_dict(cfg), resume="allow",
+                      id=run_id)
+
+
+def _supersede_offline_runs(wandb_dir: Path, run_id: str) -> None:
+    """Move every offline attempt directory of ``run_id`` into ``wandb_dir/superseded/``."""
+    old = sorted(wandb_dir.glob(f"offline-run-*-{run_id}"))
+    if old:
+        (wandb_dir / "superseded").mkdir(exist_ok=True)
+        for path in old:
+            os.replace(path, wandb_dir / "superseded" / path.name)
+    latest = wandb_dir / "latest-run"
+    if latest.is_symlink() and not latest.exists():
+        latest.unlink()
+
+
+def _wandb_id(run_dir, renew: bool = False) -> str:
     """A stable wandb run id per run directory, so a resumed run continues the same wandb run."""
     path = Path(run_dir) / "wandb_id.txt"
-    if path.exists():
+    if path.exists() and not renew:
         return path.read_text().strip()
     import uuid
 
