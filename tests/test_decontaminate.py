@@ -13,6 +13,7 @@ import pytest
 
 from data_processing import decontaminate as D
 from data_processing import prepare
+from data_processing import report as DR
 from data_processing.benchmarks import BenchmarkFileError, read_problem_file
 from data_processing.shards import iter_dir_records, write_shard
 from tests.helpers import code_record
@@ -155,6 +156,9 @@ def test_prepare_end_to_end(tmp_path, problem):
     kept = {r["meta"]["file_name"] for side in ("train", "validation") for r in iter_dir_records(out / side)}
     assert kept == {"stats.py", "heap.py", "tw.py"}
     assert report["params"]["decontaminate"] == {"humaneval": True, "files": [str(bench)]}
+    page = DR.write_report(out, tmp_path / "page").read_text()  # the HTML data report shows them
+    assert "Decontamination" in page and "copied.py" in page and "HumanEval/129" in page and "Mine/0" in page
+    assert DR.dropped_series(report)["decontaminate:humaneval"]["files"] == 1
 
     off = tmp_path / "off"
     assert prepare.main(["--src", str(src), "--out", str(off), "--no-decontaminate", "--workers", "1"]) == 0
