@@ -21,6 +21,7 @@ pure Python on 3.11 and ran at 1.7 MB/s on the stdlib, longer than the rest of `
 together); n-grams are hashed with numpy and looked up in one index of all problems' n-grams.
 Only a Python file that is already a candidate (half of some problem's n-grams) is tokenised
 again with ``tokenize``, whose tokens decide; a file ``tokenize`` rejects keeps the regex tokens.
+``prepare`` runs the matching in its worker processes, in batches, while it goes on ingesting.
 In ``prepare`` the stage is on by default (``--no-decontaminate`` drops the HumanEval set); the
 counts and the removed files go to ``report.json["decontamination"]`` (docs/data.md).
 """
@@ -29,18 +30,21 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import hashlib
 import io
 import json
 import keyword
+import pickle
 import re
 import sys
 import time
 import tokenize
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -285,41 +289,90 @@ class DecontaminationStats:
         }
 
 
-def _record_removal(stats: DecontaminationStats, meta: dict[str, Any], size: int, matches: list[Match]) -> None:
-    """Count a removed file once per benchmark it contains, and list it with its task ids."""
+def _record_removal(stats: DecontaminationStats, meta: dict[str, Any], size: int, matches: list[tuple]) -> None:
+    """Count a removed file once per benchmark it contains, and list it with its task ids
+    (``matches``: ``(benchmark, task_id, kind, score)``)."""
     stats.files_removed += 1
     stats.bytes_removed += size
-    by_benchmark: dict[str, list[Match]] = {}
+    by_benchmark: dict[str, list[tuple]] = {}
     for m in matches:
-        by_benchmark.setdefault(m.problem.benchmark, []).append(m)
+        by_benchmark.setdefault(m[0], []).append(m)
     for name, ms in by_benchmark.items():
         stats.benchmarks[name]["files_removed"] += 1
         stats.benchmarks[name]["bytes_removed"] += size
         stats.removed.append({
             "path": meta.get("file_name"), "repo": meta.get("repo_name"), "benchmark": name,
-            "task_ids": [m.problem.task_id for m in ms],
-            "match": "substring" if any(m.kind == "substring" for m in ms) else "ngram",
-            "ngram_score": max(m.score for m in ms),
+            "task_ids": [task_id for _, task_id, _, _ in ms],
+            "match": "substring" if any(kind == "substring" for _, _, kind, _ in ms) else "ngram",
+            "ngram_score": max(score for _, _, _, score in ms),
         })
 
 
-def decontaminate_records(records: Iterable[dict[str, Any]], index: BenchmarkIndex,
-                          stats: DecontaminationStats) -> Iterator[dict[str, Any]]:
-    """Pass on the records that contain no benchmark problem; count and list the others."""
+# One task's worth of texts: big enough that a task's pickling and pipe overhead is small, small
+# enough that a few tasks in flight per worker hold little memory.
+BATCH_BYTES = 1 << 20
+_INDEXES: dict[str, BenchmarkIndex] = {}  # per process: the index a task's blob holds, unpickled once
+
+
+class Pool(Protocol):
+    """What ``decontaminate_records`` needs of a worker pool (``data_processing.dedup.Workers``)."""
+
+    def imap(self, fn: Callable, items: Iterable) -> Iterator: ...
+
+
+def match_batch(digest: str, blob: bytes, items: list[tuple[str, bool]]) -> tuple[list[list[tuple]], float]:
+    """``(benchmark, task_id, kind, score)`` of every match of each ``(text, is_python)``, and the
+    seconds it took. Runs in a worker: the index comes as a pickled ``blob`` (bytes: no pickling
+    work per task) and is unpickled once per process."""
+    t0 = time.perf_counter()
+    index = _INDEXES.get(digest)
+    if index is None:
+        index = _INDEXES[digest] = pickle.loads(blob)
+    found = [[(m.problem.benchmark, m.problem.task_id, m.kind, m.score) for m in index.match(text, python)]
+             for text, python in items]
+    return found, time.perf_counter() - t0
+
+
+def _batches(records: Iterable[dict[str, Any]], held: deque) -> Iterator[list[tuple[str, bool]]]:
+    """Records grouped into ``BATCH_BYTES`` tasks of ``(text, is_python)``; each batch's records
+    are appended to ``held`` to be paired with its results, which come back in order."""
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for record in records:
+        batch.append(record)
+        size += len(record["text"])
+        if size >= BATCH_BYTES:
+            held.append(batch)
+            yield [(r["text"], r["meta"].get("language") == "Python") for r in batch]
+            batch, size = [], 0
+    if batch:
+        held.append(batch)
+        yield [(r["text"], r["meta"].get("language") == "Python") for r in batch]
+
+
+def decontaminate_records(records: Iterable[dict[str, Any]], index: BenchmarkIndex, stats: DecontaminationStats,
+                          pool: Pool | None = None) -> Iterator[dict[str, Any]]:
+    """Pass on the records that contain no benchmark problem, in order; count and list the
+    others. With a ``pool`` the matching runs in its worker processes (the caller's process goes
+    on reading and filtering), else here."""
     for name, problems in index.benchmarks.items():
         stats.benchmarks.setdefault(name, {"problems": len(problems), "files_removed": 0, "bytes_removed": 0})
-    for record in records:
-        t0 = time.perf_counter()
-        meta = record["meta"]
-        size = int(meta.get("size") or len(record["text"].encode("utf-8")))
-        matches = index.match(record["text"], python=meta.get("language") == "Python")
-        stats.files += 1
-        stats.bytes_in += size
-        if matches:
-            _record_removal(stats, meta, size, matches)
-        stats.seconds += time.perf_counter() - t0
-        if not matches:
-            yield record
+    blob = pickle.dumps(index)
+    digest = hashlib.blake2b(blob, digest_size=16).hexdigest()
+    _INDEXES.setdefault(digest, index)  # matched here (no pool, or one worker): no unpickling
+    task = partial(match_batch, digest, blob)
+    held: deque = deque()
+    for found, seconds in (pool.imap if pool is not None else map)(task, _batches(records, held)):
+        stats.seconds += seconds
+        for record, matches in zip(held.popleft(), found, strict=True):
+            meta = record["meta"]
+            size = int(meta.get("size") or len(record["text"].encode("utf-8")))
+            stats.files += 1
+            stats.bytes_in += size
+            if matches:
+                _record_removal(stats, meta, size, matches)
+            else:
+                yield record
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,19 +145,19 @@ def prepare(
 
     stream = ingest.capped(records(), max_files=max_files, max_bytes=max_bytes)
     lstats, rstats, dstats = licenses.LicenseStats(), redact.RedactStats(), decontaminate.DecontaminationStats()
-    writer = _filter_to_shards(stream, work / "filtered", shard_bytes, progress=progress,
-                               license_policy=license_policy or licenses.LicensePolicy(), lstats=lstats,
-                               filter_config=filter_config, fstats=fstats, redact_pii=redact_pii, rstats=rstats,
-                               bench_index=bench_index, dstats=dstats)
-    paths = writer.paths
-    if not writer.count:
-        shutil.rmtree(work, ignore_errors=True)
-        raise NothingToWriteError(_nothing_left(out, istats, fstats, bad))
-    t1 = time.perf_counter()
+    with Workers(workers) as pool:  # decontamination's matching, then dedup
+        writer = _filter_to_shards(stream, work / "filtered", shard_bytes, progress=progress,
+                                   license_policy=license_policy or licenses.LicensePolicy(), lstats=lstats,
+                                   filter_config=filter_config, fstats=fstats, redact_pii=redact_pii, rstats=rstats,
+                                   bench_index=bench_index, dstats=dstats, pool=pool)
+        paths = writer.paths
+        if not writer.count:
+            shutil.rmtree(work, ignore_errors=True)
+            raise NothingToWriteError(_nothing_left(out, istats, fstats, bad))
+        t1 = time.perf_counter()
 
-    # Our own intermediate shards are read without the record limit: their records came through
-    # this process whole already (the limit guards what is read from input shards).
-    with Workers(workers) as pool:
+        # Our own intermediate shards are read without the record limit: their records came through
+        # this process whole already (the limit guards what is read from input shards).
         result = plan_dedup(paths, dedup_params, pool=pool, progress=progress, max_record_bytes=None)
     t2 = time.perf_counter()
 
@@ -190,7 +190,8 @@ def prepare(
 
 
 def _filter_to_shards(stream, folder: Path, shard_bytes: int, *, progress: bool, license_policy, lstats,
-                      filter_config, fstats, redact_pii: bool, rstats, bench_index=None, dstats=None) -> ShardSetWriter:
+                      filter_config, fstats, redact_pii: bool, rstats, bench_index=None, dstats=None,
+                      pool=None) -> ShardSetWriter:
     """License filter -> quality filters -> decontamination -> redaction, streamed into
     intermediate shards (texts are never all in memory); returns the closed writer (its paths
     and count)."""
@@ -199,7 +200,7 @@ def _filter_to_shards(stream, folder: Path, shard_bytes: int, *, progress: bool,
         stream = ingest.progress(stream, "ingest+filter")
     kept = filters.filter_records(stream, filter_config, fstats)
     if bench_index is not None:  # before redaction (no work on files that go) and before dedup and the split
-        kept = decontaminate.decontaminate_records(kept, bench_index, dstats)
+        kept = decontaminate.decontaminate_records(kept, bench_index, dstats, pool=pool)
     if redact_pii:  # after the filters (nothing is redacted that is dropped), before dedup
         kept = redact.redact_records(kept, rstats)
     with ShardSetWriter(folder, "filtered", max_bytes=shard_bytes) as writer:

@@ -194,3 +194,23 @@ def test_missing_benchmark_file(tmp_path, capsys):
     missing = tmp_path / "nope.jsonl"
     assert prepare.main(["--src", str(tmp_path), "--out", str(tmp_path / "d"), "--decontaminate", str(missing)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {missing}: no such benchmark file"
+
+
+def test_worker_pool_gives_the_serial_result(index, problem, monkeypatch):
+    from data_processing.dedup import Workers
+
+    monkeypatch.setattr(D, "BATCH_BYTES", 200)  # several batches, results paired back in order
+    records = [code_record("r", f"f{i}.py", f"def f{i}(a):\n    return a + {i}\n" * 5) for i in range(12)]
+    records[3] = code_record("r", "copy.py", _source(problem))
+    records[9] = code_record("r", "renamed.py", _rename(_source(problem)))
+    runs = []
+    for pool in (None, Workers(2)):
+        stats = D.DecontaminationStats()
+        try:
+            kept = [r["meta"]["file_name"] for r in D.decontaminate_records(records, index, stats, pool=pool)]
+        finally:
+            if pool is not None:
+                pool.close()
+        runs.append((kept, stats.removed, stats.files))
+    assert runs[0] == runs[1]
+    assert runs[0][0] == [f"f{i}.py" for i in range(12) if i not in (3, 9)] and runs[0][2] == 12
