@@ -311,7 +311,7 @@ def _record_removal(stats: DecontaminationStats, meta: dict[str, Any], size: int
 # One task's worth of texts: big enough that a task's pickling and pipe overhead is small, small
 # enough that a few tasks in flight per worker hold little memory.
 BATCH_BYTES = 1 << 20
-_INDEXES: dict[str, BenchmarkIndex] = {}  # per process: the index a task's blob holds, unpickled once
+_INDEXES: dict[str, BenchmarkIndex] = {}  # per process: the index of a task's benchmarks, built once
 
 
 class Pool(Protocol):
@@ -322,12 +322,13 @@ class Pool(Protocol):
 
 def match_batch(digest: str, blob: bytes, items: list[tuple[str, bool]]) -> tuple[list[list[tuple]], float]:
     """``(benchmark, task_id, kind, score)`` of every match of each ``(text, is_python)``, and the
-    seconds it took. Runs in a worker: the index comes as a pickled ``blob`` (bytes: no pickling
-    work per task) and is unpickled once per process."""
+    seconds it took. Runs in a worker: the benchmarks come as a pickled ``blob`` (bytes: no
+    pickling work per task) and the index is built from them once per process, never sent: its
+    n-gram hashes use ``hash(str)``, whose seed differs in a spawned process."""
     t0 = time.perf_counter()
     index = _INDEXES.get(digest)
     if index is None:
-        index = _INDEXES[digest] = pickle.loads(blob)
+        index = _INDEXES[digest] = BenchmarkIndex(pickle.loads(blob))
     found = [[(m.problem.benchmark, m.problem.task_id, m.kind, m.score) for m in index.match(text, python)]
              for text, python in items]
     return found, time.perf_counter() - t0
@@ -357,7 +358,7 @@ def decontaminate_records(records: Iterable[dict[str, Any]], index: BenchmarkInd
     on reading and filtering), else here."""
     for name, problems in index.benchmarks.items():
         stats.benchmarks.setdefault(name, {"problems": len(problems), "files_removed": 0, "bytes_removed": 0})
-    blob = pickle.dumps(index)
+    blob = pickle.dumps(index.benchmarks)
     digest = hashlib.blake2b(blob, digest_size=16).hexdigest()
     _INDEXES.setdefault(digest, index)  # matched here (no pool, or one worker): no unpickling
     task = partial(match_batch, digest, blob)

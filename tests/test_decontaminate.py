@@ -198,13 +198,15 @@ def test_missing_benchmark_file(tmp_path, capsys):
 
 def test_worker_pool_gives_the_serial_result(index, problem, monkeypatch):
     from data_processing.dedup import Workers
+    from data_processing.workers import WorkerProcesses
 
     monkeypatch.setattr(D, "BATCH_BYTES", 200)  # several batches, results paired back in order
     records = [code_record("r", f"f{i}.py", f"def f{i}(a):\n    return a + {i}\n" * 5) for i in range(12)]
     records[3] = code_record("r", "copy.py", _source(problem))
     records[9] = code_record("r", "renamed.py", _rename(_source(problem)))
     runs = []
-    for pool in (None, Workers(2)):
+    # fork (prepare's pool on Linux) and spawn (when JAX or torch is loaded: another str hash seed)
+    for pool in (None, Workers(2), WorkerProcesses(2, context="spawn")):
         stats = D.DecontaminationStats()
         try:
             kept = [r["meta"]["file_name"] for r in D.decontaminate_records(records, index, stats, pool=pool)]
@@ -212,5 +214,5 @@ def test_worker_pool_gives_the_serial_result(index, problem, monkeypatch):
             if pool is not None:
                 pool.close()
         runs.append((kept, stats.removed, stats.files))
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] == runs[2]
     assert runs[0][0] == [f"f{i}.py" for i in range(12) if i not in (3, 9)] and runs[0][2] == 12
