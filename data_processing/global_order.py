@@ -14,10 +14,14 @@ The run_clm way, with random access instead of a stream (as Grain and levanter d
 * *global batches*: the epochs' permuted rows one after another, cut into batches of
   ``global_batch_size`` rows; a batch may straddle two epochs, so no row is ever skipped;
 * *hosts*: process ``p`` of ``P`` reads rows ``[p*B/P, (p+1)*B/P)`` of every global batch.
+* with a language *mixture* (``data.mixture``, ``data_processing.mixture``): each language's
+  documents make its own stream and rows (so a row is one language) and its own epochs, permuted
+  by ``(seed, epoch, language)``; global row ``i`` is the language a fixed 4096-row weighted
+  schedule gives it, and that language's ``k``-th row drawn, ``k`` a closed form of ``i``.
 
 So the sequence of global batches is a pure function of (corpus, tokenizer, seed, block size,
-global batch size, encode options), whatever the number of processes, and the resume state is a
-single row count. A row is looked up in memory-mapped token arrays of the cache entries through
+global batch size, encode options, mixture), whatever the number of processes, and the resume
+state is a single row count. A row is looked up in memory-mapped token arrays of the cache entries through
 one small index per shard (see ``_UnitIndex``; 4 bytes a document, 5 with control codes, 4 more
 with windows: docs/data_order.md). Fill-in-the-middle is not served (``global_order_supported``).
 
@@ -376,16 +380,20 @@ class GlobalOrderLoader:
         special = np.zeros(len(flat), bool)
         if self.windows:
             self._pad(pieces, flat, special)
-        bodies: list[np.ndarray] = [np.zeros(0, np.int32)] * len(pieces)
-        for unit in np.unique(pieces[:, 0]).tolist():
-            sel = np.flatnonzero(pieces[:, 0] == unit)
-            self._fill_unit(unit, pieces[sel], sel, flat, special, bodies)
-        flat[~special] = np.concatenate(bodies)
+        groups = [(unit, np.flatnonzero(pieces[:, 0] == unit)) for unit in np.unique(pieces[:, 0]).tolist()]
+        first, count = np.zeros(len(pieces), np.int64), np.zeros(len(pieces), np.int64)
+        for unit, sel in groups:
+            first[sel], count[sel] = self._fill_unit(unit, pieces[sel], flat, special)
+        # The bodies, joined in piece order, fill the slots that are not specials.
+        body, at = np.empty(int(count.sum()), np.int32), np.cumsum(count) - count
+        for unit, sel in groups:
+            _copy_bodies(self._tokens(unit), first[sel], count[sel], at[sel], body)
+        flat[~special] = body
         # Memory-mapped tokens skip the zip CRC check of a full read: catch damage that matters
         # (an id the embedding does not have, which a device gather would silently clamp).
         if len(flat) and int(flat.max()) >= self.vocab_size:
-            unit = next(int(u) for u, b in zip(pieces[:, 0], bodies, strict=True)
-                        if len(b) and b.max() >= self.vocab_size)
+            bad = int(np.flatnonzero(body >= self.vocab_size)[0])
+            unit = int(pieces[np.searchsorted(np.cumsum(count), bad, side="right"), 0])
             raise TokenCacheError(f"{self.cache.entries[unit]}: damaged token cache entry (a token id >= the "
                                   f"vocabulary size {self.vocab_size}); delete it and build it again")
         return flat.reshape(n_rows, w)
@@ -471,14 +479,20 @@ class GlobalOrderLoader:
         docs, self._doc_languages = self._doc_languages, None
         names = sorted({keys[k] for kinds, keys in docs for k in np.unique(kinds).tolist()})
         ids = {name: i for i, name in enumerate(names)}
-        per_unit = []
+        src: list[list[np.ndarray]] = [[] for _ in names]
+        length: list[list[np.ndarray]] = [[] for _ in names]
+        tokens = np.zeros(len(names), np.int64)
         for unit, (kinds, keys) in enumerate(docs):
-            if len(kinds):
-                lookup = np.array([ids.get(k, -1) for k in keys], np.int64)
-                per_unit.append(self._unit_runs(unit, lookup[kinds]))
-        lang, src, length, tokens = (np.concatenate([r[i] for r in per_unit]) if per_unit else np.zeros(0, np.int64)
-                                     for i in range(4))
-        return _Mixture(names, lang, src, length, tokens, mixture, self.window, self.windows)
+            if not len(kinds):
+                continue
+            lookup = np.array([ids.get(k, -1) for k in keys], np.int16)
+            lang, start, size, stream = self._unit_runs(unit, lookup[kinds])
+            for i in np.unique(lang).tolist():
+                at = lang == i
+                src[i].append(start[at])
+                length[i].append(size[at])
+                tokens[i] += int(stream[at].sum())
+        return _Mixture(names, src, length, tokens, mixture, self.window, self.windows)
 
     def _unit_runs(self, unit: int, doc_lang: np.ndarray) -> tuple[np.ndarray, ...]:
         """``(language, start, length, stream tokens)`` of each run of consecutive same-language
@@ -624,11 +638,11 @@ class GlobalOrderLoader:
             self._open.popitem(last=False)
         return tokens
 
-    def _fill_unit(self, unit: int, pieces: np.ndarray, where: np.ndarray, flat: np.ndarray,
-                   special: np.ndarray, bodies: list) -> None:
-        """For ``pieces`` (all in ``unit``; ``where``: their indices in the batch's piece list), write
-        the specials into ``flat`` and mark them in ``special``; put each piece's body-token
-        slice into ``bodies``."""
+    def _fill_unit(self, unit: int, pieces: np.ndarray, flat: np.ndarray,
+                   special: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For ``pieces`` (all in ``unit``), write the specials into ``flat`` and mark them in
+        ``special``; return each piece's body tokens as ``(first index in the unit's token array,
+        count)``."""
         index, k = self._units[unit], self._specials
         c = k - 1
         starts = index.starts
@@ -656,9 +670,19 @@ class GlobalOrderLoader:
         # First body token at or after q0: every special before it is k per earlier document,
         # plus the head of document j0 when q0 is past it.
         first = q0 - k * j0 - c * (q0 > starts[j0].astype(np.int64))
-        tokens = self._tokens(unit)
-        for i, t0, nb in zip(where.tolist(), first.tolist(), (n - n_special).tolist(), strict=True):
-            bodies[i] = tokens[t0 : t0 + nb]
+        return first, n - n_special
+
+
+def _copy_bodies(tokens: np.ndarray, first: np.ndarray, count: np.ndarray, at: np.ndarray, body: np.ndarray) -> None:
+    """``body[at[i] : at[i] + count[i]] = tokens[first[i] : first[i] + count[i]]`` for every piece:
+    slice copies for few or long pieces, one fancy-index gather for many short ones (a mixture's
+    runs of small documents), the same result either way."""
+    if len(first) > 16 and int(count.sum()) < 256 * len(first):
+        within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+        body[np.repeat(at, count) + within] = tokens[np.repeat(first, count) + within]
+        return
+    for t0, nb, a in zip(first.tolist(), count.tolist(), at.tolist(), strict=True):
+        body[a : a + nb] = tokens[t0 : t0 + nb]
 
 
 class _Mixture:
@@ -666,13 +690,16 @@ class _Mixture:
     starts in the global stream, or its first global row with windows; ``cum``: where it starts
     in the language's own stream or rows), the language's rows, and the weighted schedule."""
 
-    def __init__(self, languages: list[str], lang: np.ndarray, src: np.ndarray, length: np.ndarray,
+    def __init__(self, languages: list[str], src: list[list[np.ndarray]], length: list[list[np.ndarray]],
                  tokens: np.ndarray, weights: Mapping[str, float], window: int, windows: bool):
         self.languages = languages
-        self.src = [src[lang == i] for i in range(len(languages))]
-        self.cum = [np.concatenate([[0], np.cumsum(length[lang == i])]).astype(np.int64)
-                    for i in range(len(languages))]
-        self.tokens = np.array([int(tokens[lang == i].sum()) for i in range(len(languages))], np.int64)
+        self.src = [np.concatenate(parts).astype(np.int64) for parts in src]
+        self.cum = []
+        for parts in length:  # one language at a time: the peak is one language's runs, not all of them
+            cum = np.zeros(sum(len(x) for x in parts) + 1, np.int64)
+            np.cumsum(np.concatenate(parts), out=cum[1:])
+            self.cum.append(cum)
+        self.tokens = tokens
         self.rows = np.array([int(c[-1]) if windows else int(c[-1]) // window for c in self.cum], np.int64)
         resolved = resolve_weights(weights, dict(zip(languages, self.rows.tolist(), strict=True)))
         self.schedule = MixtureSchedule(languages, resolved)
