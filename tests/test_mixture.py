@@ -307,3 +307,13 @@ def test_run_records_token_counts_before_and_after_weighting(corpus, tmp_path):
     assert sum(c["corpus_rows"] for c in info["languages"].values()) == sum(loader.mixture.rows)
     rows = R.mixture_rows(R.Run("r", tmp_path, cfg, [], [], info))
     assert [r[0] for r in rows] == sorted(COUNTS_KEYS) and rows[sorted(COUNTS_KEYS).index("shell")][4] == 40 * 32
+
+
+def test_run_refuses_a_mixture_without_the_global_order(corpus, tmp_path):
+    from train import config as C
+    from train.run import make_train_loader
+
+    cfg = _run_config(corpus, tmp_path, "data.mixture={python: 0.5}", "data.token_cache=")
+    with pytest.raises(C.ConfigError, match=r"^data.mixture: applies to the global data order only, and this run "
+                                            r"streams \(no token cache"):
+        make_train_loader(cfg)
