@@ -21,9 +21,10 @@ The run_clm way, with random access instead of a stream (as Grain and levanter d
 
 So the sequence of global batches is a pure function of (corpus, tokenizer, seed, block size,
 global batch size, encode options, mixture), whatever the number of processes, and the resume
-state is a single row count. A row is looked up in memory-mapped token arrays of the cache entries through
-one small index per shard (see ``_UnitIndex``; 4 bytes a document, 5 with control codes, 4 more
-with windows: docs/data_order.md). Fill-in-the-middle is not served (``global_order_supported``).
+state is a single row count. A row is looked up in memory-mapped token arrays of the cache
+entries through one small index per shard (see ``_UnitIndex``; 4 bytes a document, 5 with
+control codes, 4 more with windows, 16 a same-language run with a mixture: docs/data_order.md).
+Fill-in-the-middle is not served (``global_order_supported``).
 
 No JAX here: each host gets numpy arrays; the trainer assembles the global ``jax.Array``.
 """
@@ -199,7 +200,8 @@ class GlobalOrderLoader:
     ``block_size + 1``) are served, fill-in-the-middle is not (see ``global_order_supported``).
     Bad records: their lines hold no tokens in the cache; they raise ``ShardError`` (file:line)
     when the loader is built unless ``skip_bad``, which counts them in ``bad_records`` and
-    leaves them out of the stream.
+    leaves them out of the stream. ``mixture``: ``{language: weight}`` (``data.mixture``; see
+    ``data_processing.mixture``): rows per language, drawn by the weighted schedule.
     """
 
     def __init__(
@@ -317,6 +319,8 @@ class GlobalOrderLoader:
         sequence position. Position ``q`` is language ``L = schedule(q)``, its ``k``-th row drawn
         (a closed form of ``q``); that is row ``perm_{seed, L, k // rows_L}(k % rows_L)`` of ``L``."""
         mix = self.mixture
+        if mix is None:
+            raise ValueError("language_rows: only with data.mixture (without one, row_indices)")
         lang, k = mix.schedule.at(np.asarray(positions, np.int64).reshape(-1))
         rows = np.empty(len(k), np.int64)
         for L in np.unique(lang).tolist():
