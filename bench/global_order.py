@@ -5,7 +5,9 @@
   folder, builds a ``GlobalOrderLoader`` on them and reports the order's index bytes, the
   numpy memory still held and at peak while building (tracemalloc), the resident-set growth, the
   build time, and the read speed of global batches from that index; concat packing, then
-  sliding windows;
+  sliding windows; with ``--mixture``, the same with three languages drawn per document (the
+  worst case for a mixture's runs: a run of same-language documents averages 1.5 documents)
+  and ``data.mixture`` ``{python: 0.5, go: 0.3}``;
 * ``speed``: ``TokenLoader(token_cache=...)`` against ``GlobalOrderLoader`` on the same cache of
   Python stdlib shards (written here), tokens per second for a few block / batch sizes (best of
   three alternating runs each).
@@ -55,8 +57,13 @@ def _tokenizer(root: Path, texts) -> Path:
     return root / "tokenizer"
 
 
-def _synthetic_cache(root: Path, tok_dir: Path, docs: int, units: int, doc_tokens: int) -> TokenCache:
-    """Cache entries as ``build_cache`` writes them, with random tokens (no tokenizing)."""
+MIX_LANGUAGES = ["Python", "Go", "Shell"]
+
+
+def _synthetic_cache(root: Path, tok_dir: Path, docs: int, units: int, doc_tokens: int,
+                     mixed: bool = False) -> TokenCache:
+    """Cache entries as ``build_cache`` writes them, with random tokens (no tokenizing); ``mixed``:
+    each document's language drawn from ``MIX_LANGUAGES``."""
     tok_hash = tokenizer_hash(tok_dir)
     rng = np.random.default_rng(0)
     shards = []
@@ -70,27 +77,28 @@ def _synthetic_cache(root: Path, tok_dir: Path, docs: int, units: int, doc_token
         tokens = rng.integers(0, 500, int(offsets[-1]), dtype=np.uint16)
         meta = {"version": CACHE_VERSION, "tokenizer_sha256": tok_hash, "shard": shard_identity(str(shard)),
                 "num_lines": per, "num_docs": per, "num_tokens": int(offsets[-1]), "vocab_size": 512,
-                "languages": ["Python"], "bad": {}, "unreadable": None}
+                "languages": MIX_LANGUAGES if mixed else ["Python"], "bad": {}, "unreadable": None}
+        kinds = rng.integers(0, 3, per).astype(np.int16) if mixed else np.zeros(per, np.int16)
         _write_entry(entry_path(root / "cache", tok_hash, str(shard)),
-                     {"tokens": tokens, "offsets": offsets, "kinds": np.zeros(per, np.int16)}, meta)
+                     {"tokens": tokens, "offsets": offsets, "kinds": kinds}, meta)
         shards.append(str(shard))
     return TokenCache(root / "cache", tok_dir, shards)
 
 
-def memory(docs: int, units: int, doc_tokens: int, encode=None) -> dict:
+def memory(docs: int, units: int, doc_tokens: int, encode=None, mixture=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         stdlib = Path(sysconfig.get_paths()["stdlib"])
         tok_dir = _tokenizer(root, [p.read_text(encoding="utf-8", errors="replace")
                                     for p in sorted(stdlib.glob("*.py"))[:40]])
         t0 = time.perf_counter()
-        cache = _synthetic_cache(root, tok_dir, docs, units, doc_tokens)
+        cache = _synthetic_cache(root, tok_dir, docs, units, doc_tokens, mixed=bool(mixture))
         write_s = time.perf_counter() - t0
         rss0 = _rss()
         tracemalloc.start()
         t0 = time.perf_counter()
         loader = GlobalOrderLoader(cache, block_size=2048, global_batch_size=512, process_count=64,
-                                   process_index=3, encode=encode)
+                                   process_index=3, encode=encode, mixture=mixture)
         build_s = time.perf_counter() - t0
         held, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
@@ -151,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--units", type=int, default=100)
     p.add_argument("--doc-tokens", type=int, default=8, help="mean tokens per synthetic document (disk use)")
     p.add_argument("--tokens", type=int, default=40_000_000, help="tokens read per speed measurement")
+    p.add_argument("--mixture", action="store_true", help="memory: three languages and data.mixture as well")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = {"cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0]}
@@ -160,6 +169,11 @@ def main(argv=None) -> int:
         result["memory"] = memory(args.docs, args.units, args.doc_tokens)
         result["memory_windows"] = memory(args.docs, args.units, args.doc_tokens,
                                           EncodeOptions(window=2049, stride=1024))
+    if args.what == "memory" and args.mixture:
+        mixture = {"python": 0.5, "go": 0.3}
+        result["memory_mixture"] = memory(args.docs, args.units, args.doc_tokens, mixture=mixture)
+        result["memory_mixture_windows"] = memory(args.docs, args.units, args.doc_tokens,
+                                                  EncodeOptions(window=2049, stride=1024), mixture)
     print(json.dumps(result))
     return 0
 

@@ -14,12 +14,17 @@ The run_clm way, with random access instead of a stream (as Grain and levanter d
 * *global batches*: the epochs' permuted rows one after another, cut into batches of
   ``global_batch_size`` rows; a batch may straddle two epochs, so no row is ever skipped;
 * *hosts*: process ``p`` of ``P`` reads rows ``[p*B/P, (p+1)*B/P)`` of every global batch.
+* with a language *mixture* (``data.mixture``, ``data_processing.mixture``): each language's
+  documents make its own stream and rows (so a row is one language) and its own epochs, permuted
+  by ``(seed, epoch, language)``; global row ``i`` is the language a fixed 4096-row weighted
+  schedule gives it, and that language's ``k``-th row drawn, ``k`` a closed form of ``i``.
 
 So the sequence of global batches is a pure function of (corpus, tokenizer, seed, block size,
-global batch size, encode options), whatever the number of processes, and the resume state is a
-single row count. A row is looked up in memory-mapped token arrays of the cache entries through
-one small index per shard (see ``_UnitIndex``; 4 bytes a document, 5 with control codes, 4 more
-with windows: docs/data_order.md). Fill-in-the-middle is not served (``global_order_supported``).
+global batch size, encode options, mixture), whatever the number of processes, and the resume
+state is a single row count. A row is looked up in memory-mapped token arrays of the cache
+entries through one small index per shard (see ``_UnitIndex``; 4 bytes a document, 5 with
+control codes, 4 more with windows, 16 a same-language run with a mixture: docs/data_order.md).
+Fill-in-the-middle is not served (``global_order_supported``).
 
 No JAX here: each host gets numpy arrays; the trainer assembles the global ``jax.Array``.
 """
@@ -34,11 +39,13 @@ import os
 import struct
 import zipfile
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from data_processing.mixture import PERIOD, MixtureSchedule, language_key, resolve_weights
 from data_processing.packing import EncodeOptions
 from data_processing.shards import BadRecordCounter, ShardError
 from data_processing.sources import ShardSource, count_bad
@@ -76,13 +83,20 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-@functools.lru_cache(maxsize=8)
-def _round_keys(seed: int, epoch: int) -> np.ndarray:
-    """The Feistel round keys of one epoch: seeded by ``(seed, epoch)`` only."""
-    return np.random.SeedSequence([int(seed) & _M64, int(epoch), 0x676C6F62]).generate_state(_ROUNDS, np.uint64)
+@functools.lru_cache(maxsize=64)
+def _round_keys(seed: int, epoch: int, stream: int | None = None) -> np.ndarray:
+    """The Feistel round keys of one epoch: seeded by ``(seed, epoch)`` only, or with a mixture by
+    ``(seed, epoch, stream)`` (``stream``: a number derived from the language)."""
+    entropy = [int(seed) & _M64, int(epoch), 0x676C6F62] + ([] if stream is None else [int(stream)])
+    return np.random.SeedSequence(entropy).generate_state(_ROUNDS, np.uint64)
 
 
-def feistel_permute(index: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+def language_stream(language: str) -> int:
+    """The permutation key of a mixture language: 64 bits of its name's SHA-256."""
+    return int.from_bytes(hashlib.sha256(language.encode("utf-8")).digest()[:8], "little")
+
+
+def feistel_permute(index: np.ndarray, n: int, seed: int, epoch: int, stream: int | None = None) -> np.ndarray:
     """``perm(index)`` for the seeded permutation of ``range(n)`` of ``epoch`` (int64 in, int64 out).
 
     A Feistel network on mixed radices (Black and Rogaway's FE2): ``x = L*b + R`` with
@@ -90,12 +104,13 @@ def feistel_permute(index: np.ndarray, n: int, seed: int, epoch: int) -> np.ndar
     radices swapping each round, is a bijection of ``[0, a*b)`` after an even number of rounds.
     ``a ~ b ~ sqrt(n)`` leave under ``a`` values outside ``[0, n)``; cycle walking (apply again
     while the result is ``>= n``) makes it a bijection of ``[0, n)``, rarely needing a second
-    pass. O(1) memory: any index is computed on its own."""
+    pass. O(1) memory: any index is computed on its own. ``stream`` keys one of several
+    independent permutations of the same ``(seed, epoch)`` (a mixture's languages)."""
     if n < 1:
         raise ValueError(f"feistel_permute: n must be positive, got {n}")
     a = math.isqrt(n - 1) + 1
     b = -(-n // a)
-    keys = _round_keys(seed, epoch)
+    keys = _round_keys(seed, epoch, stream)
     x = np.asarray(index, np.int64).astype(np.uint64)
     todo = np.ones(x.shape, bool)
     ua, ub = np.uint64(a), np.uint64(b)
@@ -185,7 +200,8 @@ class GlobalOrderLoader:
     ``block_size + 1``) are served, fill-in-the-middle is not (see ``global_order_supported``).
     Bad records: their lines hold no tokens in the cache; they raise ``ShardError`` (file:line)
     when the loader is built unless ``skip_bad``, which counts them in ``bad_records`` and
-    leaves them out of the stream.
+    leaves them out of the stream. ``mixture``: ``{language: weight}`` (``data.mixture``; see
+    ``data_processing.mixture``): rows per language, drawn by the weighted schedule.
     """
 
     def __init__(
@@ -201,6 +217,7 @@ class GlobalOrderLoader:
         skip_bad: bool = False,
         source=None,
         tokenizer_path=None,
+        mixture: Mapping[str, float] | None = None,
     ):
         if block_size < 1:
             raise ValueError(f"data.block_size: expected a positive number of tokens, got {block_size}")
@@ -224,6 +241,7 @@ class GlobalOrderLoader:
         self._units: list[_UnitIndex] = []
         self._control_ids: list[np.ndarray] = []  # per unit: control token id by unit-local language
         self._layouts: list[tuple[int, np.dtype, tuple[int, ...]]] = []
+        self._doc_languages: list[tuple[np.ndarray, list[str]]] | None = [] if mixture else None
         metas = []
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         for unit in range(len(self.cache.shards)):
@@ -237,6 +255,10 @@ class GlobalOrderLoader:
         if self.windows:
             self._row_base = np.concatenate([[0], np.cumsum([u.num_rows for u in self._units])]).astype(np.int64)
             self.rows_per_epoch = int(self._row_base[-1])
+        self.mixture: _Mixture | None = None
+        if mixture:
+            self.mixture = self._build_mixture(mixture)
+            self.rows_per_epoch = self.mixture.rows_per_epoch
         self._corpus = hashlib.sha256(json.dumps([self.cache.tok_hash, metas]).encode()).hexdigest()[:16]
         self._check_batch(global_batch_size)
         self.global_batch_size = global_batch_size
@@ -276,7 +298,10 @@ class GlobalOrderLoader:
 
     def row_indices(self, positions: np.ndarray) -> np.ndarray:
         """Stream row index at each sequence position (int64, same shape): position ``q`` is row
-        ``perm_{seed, q // rows_per_epoch}(q % rows_per_epoch)``."""
+        ``perm_{seed, q // rows_per_epoch}(q % rows_per_epoch)``. Without a mixture only: with one,
+        a row is a language's row (``language_rows``)."""
+        if self.mixture is not None:
+            raise ValueError("row_indices: with data.mixture rows are per language; use language_rows")
         q = np.asarray(positions, np.int64)
         epochs, within = np.divmod(q, self.rows_per_epoch)
         out = np.empty(q.shape, np.int64)
@@ -287,7 +312,48 @@ class GlobalOrderLoader:
 
     def rows_at(self, position: int, count: int) -> np.ndarray:
         """The rows (int32 ``[count, block_size + 1]``) at sequence positions ``position ...``."""
-        return self.gather(self.row_indices(np.arange(position, position + count, dtype=np.int64)))
+        return self._rows_at_positions(np.arange(position, position + count, dtype=np.int64))
+
+    def language_rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """With a mixture: ``(language index into mixture.languages, row of that language)`` at each
+        sequence position. Position ``q`` is language ``L = schedule(q)``, its ``k``-th row drawn
+        (a closed form of ``q``); that is row ``perm_{seed, L, k // rows_L}(k % rows_L)`` of ``L``."""
+        mix = self.mixture
+        if mix is None:
+            raise ValueError("language_rows: only with data.mixture (without one, row_indices)")
+        lang, k = mix.schedule.at(np.asarray(positions, np.int64).reshape(-1))
+        rows = np.empty(len(k), np.int64)
+        for L in np.unique(lang).tolist():
+            sel = np.flatnonzero(lang == L)
+            n, stream = int(mix.rows[L]), language_stream(mix.languages[L])
+            epochs, within = np.divmod(k[sel], n)
+            for epoch in np.unique(epochs).tolist():
+                at = epochs == epoch
+                rows[sel[at]] = feistel_permute(within[at], n, self.seed, epoch, stream)
+        return lang, rows
+
+    def languages_at(self, positions: np.ndarray) -> list[str]:
+        """The language of the row at each sequence position (with a mixture; else a ValueError)."""
+        if self.mixture is None:
+            raise ValueError("languages_at: rows are single-language only with data.mixture")
+        lang, _ = self.mixture.schedule.at(np.asarray(positions, np.int64).reshape(-1))
+        return [self.mixture.languages[i] for i in lang.tolist()]
+
+    def language_counts(self, total_rows: int) -> dict[str, dict[str, Any]]:
+        """With a mixture, per language: its tokens, rows and share in the corpus (before weighting)
+        and its weight, rows, tokens (``block_size`` a row, as trained) and epochs among the first
+        ``total_rows`` rows of the global sequence (after weighting): a closed form, no replay."""
+        mix = self.mixture
+        if mix is None:
+            raise ValueError("language_counts: only with data.mixture")
+        drawn = mix.schedule.counts(total_rows)
+        all_rows = max(int(mix.rows.sum()), 1)
+        return {name: {"corpus_tokens": int(mix.tokens[i]), "corpus_rows": int(mix.rows[i]),
+                       "natural_share": int(mix.rows[i]) / all_rows,
+                       "weight": int(mix.schedule.slots[i]) / mix.schedule.period,
+                       "rows": int(drawn[i]), "tokens": int(drawn[i]) * self.block_size,
+                       "epochs": int(drawn[i]) / int(mix.rows[i]) if mix.rows[i] else 0.0}
+                for i, name in enumerate(mix.languages)}
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """Tokens of stream rows ``rows`` (int64 ``[n]``): int32 ``[n, block_size + 1]``.
@@ -295,30 +361,46 @@ class GlobalOrderLoader:
         Each row is one or (at a shard boundary) more contiguous pieces of a shard's stream; a
         piece's document tokens are one contiguous slice of the shard's token array, with the
         few specials (EOS, control codes) of the documents it spans placed around them."""
-        w = self.window
         rows = np.asarray(rows, np.int64).reshape(-1)
         if not len(rows):
-            return np.zeros((0, w), np.int32)
-        flat = np.empty(len(rows) * w, np.int32)
+            return np.zeros((0, self.window), np.int32)
+        pieces = self._window_pieces(rows) if self.windows else self._pieces(rows * self.window)
+        return self._assemble(pieces, len(rows))
+
+    def _rows_at_positions(self, positions: np.ndarray) -> np.ndarray:
+        """The rows (int32 ``[n, block_size + 1]``) at sequence positions ``positions`` (int64 ``[n]``)."""
+        if self.mixture is None:
+            return self.gather(self.row_indices(positions))
+        lang, rows = self.language_rows(positions)
+        if self.windows:
+            return self.gather(self.mixture.global_rows(lang, rows))
+        return self._assemble(self.mixture.pieces(lang, rows, self.window, self._unit_base), len(rows))
+
+    def _assemble(self, pieces: np.ndarray, n_rows: int) -> np.ndarray:
+        """The ``n_rows`` rows (int32 ``[n_rows, block_size + 1]``) that ``pieces`` (sorted by their
+        position in the flat output) fill: specials placed, bodies sliced from the mapped tokens."""
+        w = self.window
+        flat = np.empty(n_rows * w, np.int32)
         special = np.zeros(len(flat), bool)
         if self.windows:
-            pieces = self._window_pieces(rows)
             self._pad(pieces, flat, special)
-        else:
-            pieces = self._pieces(rows * w)
-        bodies: list[np.ndarray] = [np.zeros(0, np.int32)] * len(pieces)
-        for unit in np.unique(pieces[:, 0]).tolist():
-            sel = np.flatnonzero(pieces[:, 0] == unit)
-            self._fill_unit(unit, pieces[sel], sel, flat, special, bodies)
-        flat[~special] = np.concatenate(bodies)
+        groups = [(unit, np.flatnonzero(pieces[:, 0] == unit)) for unit in np.unique(pieces[:, 0]).tolist()]
+        first, count = np.zeros(len(pieces), np.int64), np.zeros(len(pieces), np.int64)
+        for unit, sel in groups:
+            first[sel], count[sel] = self._fill_unit(unit, pieces[sel], flat, special)
+        # The bodies, joined in piece order, fill the slots that are not specials.
+        body, at = np.empty(int(count.sum()), np.int32), np.cumsum(count) - count
+        for unit, sel in groups:
+            _copy_bodies(self._tokens(unit), first[sel], count[sel], at[sel], body)
+        flat[~special] = body
         # Memory-mapped tokens skip the zip CRC check of a full read: catch damage that matters
         # (an id the embedding does not have, which a device gather would silently clamp).
         if len(flat) and int(flat.max()) >= self.vocab_size:
-            unit = next(int(u) for u, b in zip(pieces[:, 0], bodies, strict=True)
-                        if len(b) and b.max() >= self.vocab_size)
+            bad = int(np.flatnonzero(body >= self.vocab_size)[0])
+            unit = int(pieces[np.searchsorted(np.cumsum(count), bad, side="right"), 0])
             raise TokenCacheError(f"{self.cache.entries[unit]}: damaged token cache entry (a token id >= the "
                                   f"vocabulary size {self.vocab_size}); delete it and build it again")
-        return flat.reshape(len(rows), w)
+        return flat.reshape(n_rows, w)
 
     def state(self) -> dict[str, Any]:
         """Small JSON-serialisable state, the same on every process and for any process count:
@@ -334,6 +416,7 @@ class GlobalOrderLoader:
             "rows_per_epoch": self.rows_per_epoch,
             "global_batch_size": self.global_batch_size,
             "position": self.position,
+            **({"mixture": self.mixture.schedule.state()} if self.mixture is not None else {}),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -348,6 +431,9 @@ class GlobalOrderLoader:
                 what = "the training shards or tokenizer changed" if key == "corpus" else "the run changed"
                 raise ValueError(f"loader state has {key}={state.get(key)!r} but this loader has "
                                  f"{mine[key]!r} ({what})")
+        if state.get("mixture") != mine.get("mixture"):
+            raise ValueError(f"loader state has mixture={state.get('mixture')!r} (rows per {PERIOD} by language) "
+                             f"but this loader has {mine.get('mixture')!r} (data.mixture or the corpus changed)")
         position = state.get("position")
         if not isinstance(position, int) or position < 0:
             raise ValueError(f"loader state: position must be a non-negative integer, got {position!r}")
@@ -381,15 +467,50 @@ class GlobalOrderLoader:
     @property
     def index_bytes(self) -> int:
         """Bytes held by the order's index (the per-document arrays; the tokens stay on disk)."""
-        return sum(u.nbytes for u in self._units) + self._unit_base.nbytes + self._row_base.nbytes
+        runs = self.mixture.nbytes if self.mixture is not None else 0
+        return sum(u.nbytes for u in self._units) + self._unit_base.nbytes + self._row_base.nbytes + runs
 
     def _read_ahead(self) -> None:
         """Read this process's rows of the next few global batches in one ``gather``."""
         k, b, n = self._ahead_batches, self.global_batch_size, self.local_batch_size
-        rows_BT = self.gather(self.row_indices(self.local_positions(self.position, k)).reshape(-1))
+        rows_BT = self._rows_at_positions(self.local_positions(self.position, k).reshape(-1))
         self._ahead = deque((self.position + i * b, rows_BT[i * n : (i + 1) * n]) for i in range(k))
 
     # -- building ------------------------------------------------------------------------------
+
+    def _build_mixture(self, mixture: Mapping[str, float]) -> _Mixture:
+        """Each language's runs of consecutive documents, its rows, and the weighted schedule."""
+        docs, self._doc_languages = self._doc_languages, None
+        names = sorted({keys[k] for kinds, keys in docs for k in np.unique(kinds).tolist()})
+        ids = {name: i for i, name in enumerate(names)}
+        src: list[list[np.ndarray]] = [[] for _ in names]
+        length: list[list[np.ndarray]] = [[] for _ in names]
+        tokens = np.zeros(len(names), np.int64)
+        for unit, (kinds, keys) in enumerate(docs):
+            if not len(kinds):
+                continue
+            lookup = np.array([ids.get(k, -1) for k in keys], np.int16)
+            lang, start, size, stream = self._unit_runs(unit, lookup[kinds])
+            for i in np.unique(lang).tolist():
+                at = lang == i
+                src[i].append(start[at])
+                length[i].append(size[at])
+                tokens[i] += int(stream[at].sum())
+        return _Mixture(names, src, length, tokens, mixture, self.window, self.windows)
+
+    def _unit_runs(self, unit: int, doc_lang: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``(language, start, length, stream tokens)`` of each run of consecutive same-language
+        documents of ``unit``; start and length in the global stream (concat) or in global rows
+        (windows)."""
+        index = self._units[unit]
+        first = np.concatenate([[0], np.flatnonzero(np.diff(doc_lang)) + 1])
+        bounds = np.concatenate([first, [len(doc_lang)]])
+        starts = index.starts.astype(np.int64)[bounds]
+        tokens = np.diff(starts)
+        if self.windows:
+            rows = index.row_starts.astype(np.int64)[bounds]
+            return doc_lang[first], self._row_base[unit] + rows[:-1], np.diff(rows), tokens
+        return doc_lang[first], self._unit_base[unit] + starts[:-1], tokens, tokens
 
     def _check_batch(self, batch: int) -> None:
         """Refuse a global batch the order cannot serve, in one line naming train.batch_size."""
@@ -421,6 +542,8 @@ class GlobalOrderLoader:
         index = _UnitIndex(offsets, kinds, self._specials, self.window if self.windows else 0, self.stride)
         self._units.append(index)
         self._layouts.append(layout)
+        if self._doc_languages is not None:  # a mixture: each document's language, until the runs are built
+            self._doc_languages.append((kinds[kinds >= 0], [language_key(x) for x in meta["languages"]]))
         self._control_ids.append(self._unit_control_ids(unit, meta, kinds) if self.control_codes
                                  else np.zeros(0, np.int32))
         return meta
@@ -519,11 +642,11 @@ class GlobalOrderLoader:
             self._open.popitem(last=False)
         return tokens
 
-    def _fill_unit(self, unit: int, pieces: np.ndarray, where: np.ndarray, flat: np.ndarray,
-                   special: np.ndarray, bodies: list) -> None:
-        """For ``pieces`` (all in ``unit``; ``where``: their indices in the batch's piece list), write
-        the specials into ``flat`` and mark them in ``special``; put each piece's body-token
-        slice into ``bodies``."""
+    def _fill_unit(self, unit: int, pieces: np.ndarray, flat: np.ndarray,
+                   special: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For ``pieces`` (all in ``unit``), write the specials into ``flat`` and mark them in
+        ``special``; return each piece's body tokens as ``(first index in the unit's token array,
+        count)``."""
         index, k = self._units[unit], self._specials
         c = k - 1
         starts = index.starts
@@ -551,9 +674,78 @@ class GlobalOrderLoader:
         # First body token at or after q0: every special before it is k per earlier document,
         # plus the head of document j0 when q0 is past it.
         first = q0 - k * j0 - c * (q0 > starts[j0].astype(np.int64))
-        tokens = self._tokens(unit)
-        for i, t0, nb in zip(where.tolist(), first.tolist(), (n - n_special).tolist(), strict=True):
-            bodies[i] = tokens[t0 : t0 + nb]
+        return first, n - n_special
+
+
+def _copy_bodies(tokens: np.ndarray, first: np.ndarray, count: np.ndarray, at: np.ndarray, body: np.ndarray) -> None:
+    """``body[at[i] : at[i] + count[i]] = tokens[first[i] : first[i] + count[i]]`` for every piece:
+    slice copies for few or long pieces, one fancy-index gather for many short ones (a mixture's
+    runs of small documents), the same result either way."""
+    if len(first) > 16 and int(count.sum()) < 256 * len(first):
+        within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+        body[np.repeat(at, count) + within] = tokens[np.repeat(first, count) + within]
+        return
+    for t0, nb, a in zip(first.tolist(), count.tolist(), at.tolist(), strict=True):
+        body[a : a + nb] = tokens[t0 : t0 + nb]
+
+
+class _Mixture:
+    """What a mixture keeps: per language, its runs of consecutive documents (``src``: where each
+    starts in the global stream, or its first global row with windows; ``cum``: where it starts
+    in the language's own stream or rows), the language's rows, and the weighted schedule."""
+
+    def __init__(self, languages: list[str], src: list[list[np.ndarray]], length: list[list[np.ndarray]],
+                 tokens: np.ndarray, weights: Mapping[str, float], window: int, windows: bool):
+        self.languages = languages
+        self.src = [np.concatenate(parts).astype(np.int64) for parts in src]
+        self.cum = []
+        for parts in length:  # one language at a time: the peak is one language's runs, not all of them
+            cum = np.zeros(sum(len(x) for x in parts) + 1, np.int64)
+            np.cumsum(np.concatenate(parts), out=cum[1:])
+            self.cum.append(cum)
+        self.tokens = tokens
+        self.rows = np.array([int(c[-1]) if windows else int(c[-1]) // window for c in self.cum], np.int64)
+        resolved = resolve_weights(weights, dict(zip(languages, self.rows.tolist(), strict=True)))
+        self.schedule = MixtureSchedule(languages, resolved)
+        drawn = self.schedule.slots > 0
+        if (self.rows[drawn] == 0).any():  # a weight that rounds up from nothing: refused as resolve_weights does
+            name = languages[int(np.flatnonzero(drawn & (self.rows == 0))[0])]
+            raise ValueError(f"data.mixture: language {name!r} has no full row of block_size + 1 tokens")
+        self.rows_per_epoch = int(self.rows[drawn].sum())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.src + self.cum) + self.schedule.schedule.nbytes + self.schedule.rank.nbytes
+
+    def global_rows(self, lang: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Windows packing: the global row of each language row (every run is consecutive rows)."""
+        out = np.empty(len(rows), np.int64)
+        for L in np.unique(lang).tolist():
+            sel = np.flatnonzero(lang == L)
+            k = np.searchsorted(self.cum[L], rows[sel], side="right") - 1
+            out[sel] = self.src[L][k] + rows[sel] - self.cum[L][k]
+        return out
+
+    def pieces(self, lang: np.ndarray, rows: np.ndarray, w: int, unit_base: np.ndarray) -> np.ndarray:
+        """Concat packing: language rows as pieces ``(unit, position in the unit's stream, length,
+        position in the flat output)``, sorted by output position; a row is ``w`` tokens of its
+        language's stream, one piece per run it touches (a run never crosses a shard)."""
+        out = []
+        for L in np.unique(lang).tolist():
+            sel = np.flatnonzero(lang == L)
+            s, cum = rows[sel] * w, self.cum[L]
+            k0 = np.searchsorted(cum, s, side="right") - 1
+            k1 = np.searchsorted(cum, s + w - 1, side="right") - 1
+            counts = k1 - k0 + 1
+            owner = np.repeat(np.arange(len(sel)), counts)
+            run = np.repeat(k0, counts) + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            lo = np.maximum(s[owner], cum[run])
+            hi = np.minimum(s[owner] + w, cum[run + 1])
+            start = self.src[L][run] + lo - cum[run]
+            units = np.searchsorted(unit_base, start, side="right") - 1
+            out.append(np.stack([units, start - unit_base[units], hi - lo, sel[owner] * w + lo - s[owner]], 1))
+        pieces = np.concatenate(out).astype(np.int64)
+        return pieces[np.argsort(pieces[:, 3], kind="stable")]
 
 
 def _open_cache(cache, source, tokenizer_path) -> TokenCache:

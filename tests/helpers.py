@@ -122,3 +122,25 @@ def near_copy(text: str, every: int = 30) -> str:
     """A near duplicate of ``text``: every ``every``-th line gets a trailing comment (Jaccard well above 0.85)."""
     lines = text.splitlines()
     return "\n".join(line + "  # changed" if i % every == 0 else line for i, line in enumerate(lines)) + "\n"
+
+
+def write_language_shards(folder, counts: dict[str, int], *, shards: int = 3, lengths: tuple[int, int] = (200, 1200),
+                          seed: int = 0) -> list[dict]:
+    """Shards under ``folder`` of ``counts[language]`` documents each (stdlib text slices headed
+    ``# <language> doc i``), the languages interleaved in a seeded order and split over ``shards``
+    files (``s0.jsonl.zst`` ...); returns the records in corpus order."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from data_processing.shards import write_shard
+
+    texts = stdlib_documents(sum(counts.values()), source_bytes=150_000, lengths=lengths, header="", seed=seed)
+    languages = [language for language, n in counts.items() for _ in range(n)]
+    np.random.default_rng(seed).shuffle(languages)
+    records = [{"text": f"# {language} doc {i}\n{text}", "meta": {"repo_name": f"r{i}", "language": language}}
+               for i, (language, text) in enumerate(zip(languages, texts, strict=True))]
+    per = -(-len(records) // shards)
+    for s in range(shards):
+        write_shard(Path(folder) / f"s{s}.jsonl.zst", records[s * per : (s + 1) * per])
+    return records

@@ -162,6 +162,7 @@ BAD_VALUES = {
     "data.token_cache": ["[a]"],
     "data.order": ["random"],
     "data.host_split": ["hosts"],
+    "data.mixture": ["{python: -1}", "{python: .nan}", "{python: 0, other: 0}", "{python: 0.7, go: 0.6}"],
     "tokenizer.path": ["[a]"],
     "optimizer.learning_rate": ["0", "-1e-3", ".nan", ".inf"],
     "optimizer.b1": ["1", "-0.1", ".nan"],

@@ -104,3 +104,20 @@ def test_per_language_eval_loss_table(tmp_path):
     R.main(["--run", str(a), "--out", str(out)])
     page = (out / "index.html").read_text()
     assert "Final held-out loss by language" in page and "<td>python</td><td>2.25</td>" in page
+
+
+def test_mixture_token_counts_table(tmp_path):
+    """A run's ``data_mixture.json`` (data.mixture) appears as per-language token counts before and after weighting."""
+    a = _fake_run(tmp_path / "a", "a", 1e-3)
+    counts = {"python": {"corpus_tokens": 900, "corpus_rows": 9, "natural_share": 0.9, "weight": 0.5, "rows": 40,
+                         "tokens": 1280, "epochs": 4.444},
+              "go": {"corpus_tokens": 100, "corpus_rows": 1, "natural_share": 0.1, "weight": 0.5, "rows": 40,
+                     "tokens": 1280, "epochs": 40.0}}
+    (a / "data_mixture.json").write_text(json.dumps({"mixture": {"go": 0.5}, "languages": counts}))
+    assert [r[0] for r in R.mixture_rows(R.load_run(a))] == ["go", "python"]
+    out = tmp_path / "report"
+    R.main(["--run", str(a), "--out", str(out)])
+    page = (out / "index.html").read_text()
+    assert "Training data by language: a (data.mixture)" in page and "<td>go</td><td>100</td><td>0.1</td>" in page
+    b = _fake_run(tmp_path / "b", "b", 1e-3)
+    assert R.mixture_rows(R.load_run(b)) == []

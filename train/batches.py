@@ -1,6 +1,7 @@
 """``python -m train.batches --config C [--set k=v ...] --steps N --out FILE.jsonl``: the first N
 global training batches exactly as the trainer consumes them, one JSON line per row: ``step``
-(1-based, as in metrics.jsonl), ``row``, ``tokens`` (ids; -1 = padding) and ``text`` (decoded).
+(1-based, as in metrics.jsonl), ``row``, ``tokens`` (ids; -1 = padding) and ``text`` (decoded);
+with ``data.mixture`` (every row from one language) also ``language``.
 
 It builds the run's loader the way ``python -m train`` does (same tokenizer, token cache, data
 order, seed and global batch), as one process: the global order gives every process count the
@@ -34,14 +35,25 @@ def write_batches(cfg: C.Config, steps: int, out: str | os.PathLike) -> Path:
     try:
         with tmp.open("w") as f:
             for step in range(1, steps + 1):
+                languages = _batch_languages(loader)
                 for row, tokens in enumerate(next(loader).tolist()):
                     text = tokenizer.decode([t for t in tokens if t >= 0], skip_special_tokens=False)
-                    f.write(json.dumps({"step": step, "row": row, "tokens": tokens, "text": text}) + "\n")
+                    record = {"step": step, "row": row, "tokens": tokens, "text": text}
+                    if languages is not None:
+                        record["language"] = languages[row]
+                    f.write(json.dumps(record) + "\n")
         os.replace(tmp, out)
     finally:
         loader.close()
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _batch_languages(loader) -> list[str] | None:
+    """The language of each row of the loader's next batch, when it has a mixture (else None)."""
+    if getattr(loader, "mixture", None) is None:
+        return None
+    return loader.languages_at(loader.local_positions(loader.position)[0])
 
 
 def main(argv: list[str] | None = None) -> int:

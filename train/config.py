@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from data_processing.mixture import weights_problem
 from data_processing.tokens import padded_vocab_size
 
 
@@ -112,9 +113,18 @@ def host_port_or_empty() -> Rule:
     return Rule(test, "empty or HOST:PORT with a port in 1..65535")
 
 
+def mixture_weights() -> Rule:
+    """A language mixture: ``{language: weight}`` (see ``data_processing.mixture.weights_problem``)."""
+    allowed = ("a mapping of language: weight with finite weights >= 0, named weights summing to at most 1 "
+               "(the rest is shared by natural share) or an explicit other: and a positive sum")
+    return Rule(lambda v: weights_problem(v) is None, allowed)
+
+
 def setting(default: Any, rule: Rule) -> Any:
     """A config field: its default and, in the field's metadata, the ``Rule`` of its allowed
-    values, checked at load (``check_fields``)."""
+    values, checked at load (``check_fields``). A mapping default is copied for every instance."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"rule": rule})
     return field(default=default, metadata={"rule": rule})
 
 
@@ -203,6 +213,9 @@ class DataConfig:
     order: str = setting("global", one_of("global", "stream"))
     # hosts read whole shards (shards), every P-th line (lines), or shards if >= hosts
     host_split: str = setting("auto", one_of("auto", "shards", "lines"))
+    # sample training rows by language with these weights ({python: 0.5, javascript: 0.2}; the rest by
+    # natural share, other: 0.0 drops the unnamed); global order only; empty = the corpus as it is
+    mixture: dict[str, float] = setting({}, mixture_weights())
 
 
 @dataclass(frozen=True)
@@ -324,6 +337,14 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, item_type = typing.get_args(annotation)
+        out = {str(k).lower(): _coerce(v, item_type, f"{key}.{k}") for k, v in value.items()}
+        if len(out) != len(value):
+            raise ConfigError(f"{key}: expected distinct keys ignoring case, got {value!r}")
+        return out
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{key}: unsupported annotation {annotation}")
     if annotation is bool:
@@ -409,6 +430,10 @@ def validate(cfg: Config) -> None:
     Device-count checks live in ``validate_for_devices``."""
     check_fields(cfg)
     m, d = cfg.model, cfg.data
+    if d.mixture and (d.order == "stream" or d.fim_rate > 0):
+        why = "data.order is stream" if d.order == "stream" else "data.fim_rate > 0 uses the streaming loader"
+        raise ConfigError(f"data.mixture: applies to the global data order only ({why}); remove the mixture "
+                          "or use the global order")
     if d.window_stride > d.block_size:
         raise ConfigError(f"data.window_stride: expected 0..block_size ({d.block_size}), got {d.window_stride}")
     if m.hidden_size % m.num_heads:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -153,15 +154,18 @@ def make_train_loader(cfg: C.Config, *, quiet: bool = False):
     if cache is not None:
         ensure_token_cache(cfg, cache)
     reason = stream_reason(cfg, cache)
+    if reason is not None and d.mixture:
+        raise C.ConfigError(f"data.mixture: applies to the global data order only, and this run streams ({reason})")
     if reason is None:
         try:
             return GlobalOrderLoader(cache, source=d.train_dir, tokenizer_path=cfg.tokenizer.path,
                                      block_size=d.block_size, global_batch_size=cfg.train.batch_size,
                                      seed=cfg.train.seed, process_index=jax.process_index(),
                                      process_count=jax.process_count(), encode=encode_options(cfg),
-                                     skip_bad=d.skip_bad)
+                                     skip_bad=d.skip_bad, mixture=d.mixture or None)
         except ValueError as err:
-            if str(err).startswith("train.batch_size:"):  # a global batch the order cannot serve
+            # a global batch the order cannot serve, a mixture the corpus cannot (a language it lacks)
+            if str(err).startswith(("train.batch_size:", "data.mixture:")):
                 raise C.ConfigError(str(err)) from err
             raise
     if jax.process_index() == 0 and not quiet:
@@ -173,6 +177,25 @@ def make_train_loader(cfg: C.Config, *, quiet: bool = False):
         process_count=jax.process_count(), skip_bad=d.skip_bad, prefetch=d.prefetch,
         tokenize_batch=d.tokenize_batch, encode=encode_options(cfg), host_split=d.host_split, token_cache=cache,
     )
+
+
+MIXTURE_FILE = "data_mixture.json"  # in the run directory: per-language token counts before and after weighting
+
+
+def write_mixture_info(loader, cfg: C.Config, run_dir: Path) -> Path | None:
+    """With ``data.mixture``, write ``RUN_DIR/data_mixture.json``: the configured weights and, per
+    language, the corpus tokens and rows (before weighting) and the weight, rows, tokens and
+    epochs of the whole run (``train.max_steps`` global batches; after weighting). None without."""
+    if getattr(loader, "mixture", None) is None:
+        return None
+    rows = cfg.train.max_steps * cfg.train.batch_size
+    info = {"mixture": dict(cfg.data.mixture), "run_rows": rows, "block_size": cfg.data.block_size,
+            "languages": loader.language_counts(rows)}
+    path = run_dir / MIXTURE_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def make_eval_set(cfg: C.Config) -> EvalSet | None:
@@ -357,6 +380,8 @@ def train(cfg: C.Config, *, stop_after: int | None = None) -> dict[str, Any]:
     loader, eval_set = None, None
     if step < cfg.train.max_steps:
         loader, eval_set = make_train_loader(cfg), make_eval_set(cfg)
+        if is_main:
+            write_mixture_info(loader, cfg, run_dir)
         try:
             if start.loader_state is not None:
                 restore_data_position(loader, start.loader_state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class Run:
     cfg: C.Config
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
+    mixture: dict[str, Any] | None = None  # RUN_DIR/data_mixture.json, written at start with data.mixture
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -41,7 +43,9 @@ def load_run(run_dir: str | Path) -> Run:
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     name = cfg.run.name or run_dir.name
-    return Run(name, run_dir, cfg, train, evals)
+    mixture_file = run_dir / "data_mixture.json"
+    mixture = json.loads(mixture_file.read_text()) if mixture_file.is_file() else None
+    return Run(name, run_dir, cfg, train, evals, mixture)
 
 
 def _unique_names(runs: list[Run]) -> None:
@@ -168,6 +172,18 @@ def language_losses(run: Run) -> dict[str, float]:
     return {k.split("/", 1)[1]: v for k, v in sorted(evals[-1].items()) if k.startswith("eval_loss/")}
 
 
+MIXTURE_HEADER = ["language", "corpus tokens", "natural share", "weight", "run tokens", "epochs"]
+
+
+def mixture_rows(run: Run) -> list[list[Any]]:
+    """Per-language token counts before (the corpus) and after weighting (the run's
+    ``train.max_steps`` batches), from ``data_mixture.json``; empty without a mixture."""
+    if not run.mixture:
+        return []
+    return [[language, c["corpus_tokens"], round(c["natural_share"], 4), round(c["weight"], 4), c["tokens"],
+             round(c["epochs"], 3)] for language, c in sorted(run.mixture["languages"].items())]
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -217,6 +233,10 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     if languages:
         rows = [[language, *[losses.get(language) for losses in per_language]] for language in languages]
         sections.append(("Final held-out loss by language", table(["language", *[r.name for r in runs]], rows)))
+    for run in runs:
+        rows = mixture_rows(run)
+        if rows:
+            sections.append((f"Training data by language: {run.name} (data.mixture)", table(MIXTURE_HEADER, rows)))
     if len(runs) > 1:
         diffs = config_differences(runs)
         rows = [[k, *v] for k, v in diffs.items()]
