@@ -140,7 +140,7 @@ class DocStream:
         self._rand_key: tuple[int, int] | None = None
         self._rand: np.ndarray | None = None
         self._pick_key: tuple[int, int] | None = None
-        self._pick: np.ndarray | None = None
+        self._pick: list[float] = []
         state = upgraded_state(state or epoch_start(0))
         self.epoch = int(state["epoch"])
         self.opened = int(state["opened"])
@@ -233,7 +233,8 @@ class DocStream:
         block, offset = divmod(self.read, _RAND_BLOCK)
         key = (self.epoch, block)
         if self._pick_key != key:
-            self._pick = np.random.default_rng([self.seed, self.epoch, block, 3]).random(_RAND_BLOCK)
+            # A list, not an array: this runs once per line, and list indexing is the cheaper.
+            self._pick = np.random.default_rng([self.seed, self.epoch, block, 3]).random(_RAND_BLOCK).tolist()
             self._pick_key = key
         return min(int(self._pick[offset] * n), n - 1)
 

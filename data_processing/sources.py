@@ -6,7 +6,9 @@ which is what makes its state small: it can re-read any document by position ins
 storing text. ``iter_unit`` yields ``(line, Document | None)`` for every line so the caller can
 track its position; ``None`` stands for a line that is blank, bad (and skipped) or owned by
 another host. Ownership is decided *before* parsing so that hosts skip the JSON work for the
-documents they do not own.
+documents they do not own, and ``owned`` is called as each line is reached, never ahead: the
+document stream reads several units interleaved and decides ownership from how many lines it
+has read in all (``docstream``).
 """
 
 from __future__ import annotations
