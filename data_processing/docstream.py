@@ -1,5 +1,5 @@
 """The deterministic, resumable document order: seeded shard order per epoch, split between
-hosts, through a seeded shuffle buffer.
+hosts, read ``interleave`` shards at a time, through a seeded shuffle buffer.
 
 Everything that decides *which document comes next* lives here, in one thread of the main
 process, so the order never depends on worker timing. Two ways to split an epoch between
@@ -15,18 +15,30 @@ process, so the order never depends on worker timing. Two ways to split an epoch
   ``i`` modulo ``P``: balanced to one document even with a single shard, but each host scans
   (and skips) the other hosts' lines.
 
+Interleaving: up to ``interleave`` (K) units of this host's order are open at once, and every
+line is taken from one of them chosen by a seeded draw (the draw for the ``n``-th line of the
+epoch is the same on every host, so under the ``"lines"`` split all hosts read the same line
+sequence and its index is the epoch-global index). A unit that ends is replaced, in its slot,
+by the next unit of the order. So the documents entering the shuffle buffer come from K shards
+at once instead of one shard after another (levanter, datatrove and
+``datasets.interleave_datasets`` mix sources the same way). With K = 1 there is no draw and the
+order is the one of a plain unit-after-unit read.
+
 The state is positions, not text:
 
-* ``epoch``, and the reading position ``unit`` (index in this host's unit order of the epoch)
-  / ``line``;
-* ``line_base``: lines in the earlier units of this epoch. Line ``l`` of the current unit has
-  the epoch-global index ``line_base + l`` (``"lines"`` split: host ``i`` owns the lines with
-  ``index % P == i``);
+* ``epoch``; ``opened``: how many units of this host's order of the epoch have been opened;
+  ``open``: ``[unit, line]`` for every open unit in slot order (``unit`` indexes this host's
+  order of the epoch, ``line`` is the last line read from it);
+* ``read``: lines read this epoch (owned or not): the epoch-global index of the next line, and
+  the index of the next interleave draw;
 * ``emitted``: documents that left the buffer this epoch. The shuffle buffer draws its random
   numbers from a counter-based stream keyed by ``(seed, epoch, host, emitted // 1024)``, so no
   generator state has to be saved;
 * ``buffer``: the ``(unit, line)`` positions held by the shuffle buffer, in buffer order. On
   restore their texts are re-read from the shards.
+
+States written before interleaving (``unit`` / ``line`` / ``line_base``, one unit at a time)
+are read as the K = 1 state they are.
 """
 
 from __future__ import annotations
@@ -44,12 +56,47 @@ _RAND_BLOCK = 1024
 
 
 def epoch_start(epoch: int) -> dict[str, Any]:
-    """The ``DocStream`` state at the start of ``epoch`` (empty shuffle buffer)."""
-    return {"epoch": int(epoch), "unit": 0, "line": 0, "line_base": 0, "emitted": 0, "buffer": []}
+    """The ``DocStream`` state at the start of ``epoch`` (no unit open, empty shuffle buffer)."""
+    return {"epoch": int(epoch), "opened": 0, "open": [], "read": 0, "emitted": 0, "buffer": []}
+
+
+def at_epoch_start(state: dict[str, Any] | None) -> bool:
+    """Whether ``state`` (None: a fresh stream) has read nothing of its epoch yet."""
+    if state is None:
+        return True
+    state = upgraded_state(state)
+    return not (state["opened"] or state["read"] or state["emitted"] or state["buffer"])
+
+
+def upgraded_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` in the current layout: a pre-interleave state (reading unit ``unit`` at
+    ``line``, ``line_base`` lines before it) is the K = 1 state with that one unit open."""
+    if "open" in state:
+        return state
+    unit, line = int(state["unit"]), int(state["line"])
+    # An unopened unit at line 0 and an opened one with nothing read yet continue the same way.
+    return {
+        "epoch": int(state["epoch"]),
+        "opened": unit + 1 if line else unit,
+        "open": [[unit, line]] if line else [],
+        "read": int(state["line_base"]) + line,
+        "emitted": int(state["emitted"]),
+        "buffer": state["buffer"],
+    }
+
+
+class _OpenUnit:
+    """One open unit: its index in this host's order, the last line read, and its line
+    iterator (created on first use, so that a restored stream opens files only when read)."""
+
+    __slots__ = ("unit", "line", "lines")
+
+    def __init__(self, unit: int, line: int):
+        self.unit, self.line, self.lines = unit, line, None
 
 
 class DocStream:
-    """Yields ``Document``s in the seeded, host-split, shuffled order; see module docstring."""
+    """Yields ``Document``s in the seeded, host-split, interleaved, shuffled order; see module docstring."""
 
     def __init__(
         self,
@@ -65,6 +112,7 @@ class DocStream:
         max_epochs: int | None = None,
         state: dict[str, Any] | None = None,
         host_split: str = "lines",
+        interleave: int = 1,
     ):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
@@ -75,6 +123,8 @@ class DocStream:
                 f"host_split='shards' needs at least as many shards as hosts: {len(source)} shard(s) for "
                 f"{process_count} hosts (use 'lines')"
             )
+        if int(interleave) < 1:
+            raise ValueError(f"interleave: expected at least 1 open unit, got {interleave}")
         self.host_split = host_split
         self.source = source
         self.seed = int(seed)
@@ -85,18 +135,20 @@ class DocStream:
         self.skip_bad = skip_bad
         self.bad = bad if bad is not None else BadRecordCounter()
         self.max_epochs = max_epochs
+        self.interleave = int(interleave)
         self.finished = False
-        self._lines = None
         self._rand_key: tuple[int, int] | None = None
         self._rand: np.ndarray | None = None
-        state = state or epoch_start(0)
+        self._pick_key: tuple[int, int] | None = None
+        self._pick: list[float] = []
+        state = upgraded_state(state or epoch_start(0))
         self.epoch = int(state["epoch"])
-        self.unit = int(state["unit"])
-        self.line = int(state["line"])
-        self.line_base = int(state["line_base"])
+        self.opened = int(state["opened"])
+        self.open = [_OpenUnit(int(u), int(ln)) for u, ln in state["open"]]
+        self.read = int(state["read"])
         self.emitted = int(state["emitted"])
         self._order = self._unit_order(self.epoch)
-        self._reader_done = self.unit >= len(self._order)
+        self._reader_done = False
         self.buffer: list[tuple[tuple[int, int], Document]] = self._reload_buffer(
             [(int(u), int(ln)) for u, ln in state["buffer"]]
         )
@@ -105,9 +157,9 @@ class DocStream:
         """The JSON-serialisable position: restoring it replays exactly the same documents."""
         return {
             "epoch": self.epoch,
-            "unit": self.unit,
-            "line": self.line,
-            "line_base": self.line_base,
+            "opened": self.opened,
+            "open": [[u.unit, u.line] for u in self.open],
+            "read": self.read,
             "emitted": self.emitted,
             "buffer": [list(pos) for pos, _ in self.buffer],
         }
@@ -124,12 +176,16 @@ class DocStream:
             return order[(self.process_index + epoch) % self.process_count :: self.process_count]
         return order
 
-    def _owned(self, line_base: int):
-        count, index = self.process_count, self.process_index
-        if count == 1 or self.host_split == "shards":
+    def _owned_now(self, _line: int) -> bool:
+        """Whether this host owns the line being read: sources call ``owned`` as they reach a
+        line, and ``read`` is then that line's epoch-global index (0-based, so host 0 gets the
+        first document)."""
+        return self.read % self.process_count == self.process_index
+
+    def _owned(self):
+        if self.process_count == 1 or self.host_split == "shards":
             return lambda _line: True
-        # Lines are 1-based; the epoch-global index is 0-based so host 0 gets the first document.
-        return lambda line: (line_base + line - 1) % count == index
+        return self._owned_now
 
     def _placed(self, unit: int, line: int, doc: Document) -> Document:
         """``doc`` with its key: the epoch, the source's own unit index (not the epoch's shuffled
@@ -162,30 +218,64 @@ class DocStream:
             )
         return [(p, texts[p]) for p in positions]
 
+    def _fill_slots(self) -> None:
+        """Open units of the epoch's order until ``interleave`` are open or none is left."""
+        while len(self.open) < self.interleave and self.opened < len(self._order):
+            self.open.append(_OpenUnit(self.opened, 0))
+            self.opened += 1
+
+    def _pick_slot(self) -> int:
+        """The open unit the next line comes from: a seeded draw indexed by ``read``, keyed
+        without the process index so that every host makes the same choice (``"lines"``)."""
+        n = len(self.open)
+        if n == 1:
+            return 0  # no draw: K = 1 reads unit after unit
+        block, offset = divmod(self.read, _RAND_BLOCK)
+        key = (self.epoch, block)
+        if self._pick_key != key:
+            # A list, not an array: this runs once per line, and list indexing is the cheaper.
+            self._pick = np.random.default_rng([self.seed, self.epoch, block, 3]).random(_RAND_BLOCK).tolist()
+            self._pick_key = key
+        return min(int(self._pick[offset] * n), n - 1)
+
+    def _close_slot(self, slot: int) -> None:
+        """The unit in ``slot`` ended: the next unit of the order takes its slot, if any."""
+        if self.opened < len(self._order):
+            self.open[slot] = _OpenUnit(self.opened, 0)
+            self.opened += 1
+        else:
+            del self.open[slot]
+
+    def _next_line(self, current: _OpenUnit):
+        """The next ``(line, document | None)`` of ``current``, or None once it has ended."""
+        if current.lines is None:
+            current.lines = self.source.iter_unit(
+                self._order[current.unit],
+                start_line=current.line,
+                owned=self._owned(),
+                skip_bad=self.skip_bad,
+                bad=self.bad,
+            )
+        return next(current.lines, None)
+
     def _read_one(self) -> tuple[tuple[int, int], Document] | None:
         """Next owned document of this epoch with its position, or None at the epoch's end."""
         while True:
-            if self._lines is None:
-                if self.unit >= len(self._order):
-                    return None
-                self._lines = self.source.iter_unit(
-                    self._order[self.unit],
-                    start_line=self.line,
-                    owned=self._owned(self.line_base),
-                    skip_bad=self.skip_bad,
-                    bad=self.bad,
-                )
-            try:
-                line, doc = next(self._lines)
-            except StopIteration:
-                self._lines = None
-                self.line_base += self.line
-                self.unit += 1
-                self.line = 0
+            self._fill_slots()
+            if not self.open:
+                return None
+            slot = self._pick_slot()
+            current = self.open[slot]
+            item = self._next_line(current)
+            if item is None:
+                # The same draw (same ``read``) picks again among the remaining units.
+                self._close_slot(slot)
                 continue
-            self.line = line
+            line, doc = item
+            current.line = line
+            self.read += 1
             if doc is not None:
-                return (self.unit, line), self._placed(self.unit, line, doc)
+                return (current.unit, line), self._placed(current.unit, line, doc)
 
     def _rand_index(self, n: int) -> int:
         block, offset = divmod(self.emitted, _RAND_BLOCK)
@@ -228,7 +318,8 @@ class DocStream:
                 + (f" ({self.bad.total} bad records skipped)" if self.bad.total else "")
             )
         self.epoch += 1
-        self.unit = self.line = self.line_base = self.emitted = 0
+        self.opened = self.read = self.emitted = 0
+        self.open = []
         self._order = self._unit_order(self.epoch)
         self._reader_done = False
         if self.max_epochs is not None and self.epoch >= self.max_epochs:

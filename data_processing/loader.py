@@ -2,7 +2,7 @@
 
 Pipeline (one background thread in the host process, plus tokenizer worker processes)::
 
-    DocStream (seeded order, host split, shuffle buffer)      main process, one thread
+    DocStream (seeded order, host split, K shards interleaved, shuffle buffer)   main process, one thread
       -> chunks of ``tokenize_batch`` documents, each tagged with the stream state before it
       -> tokenized in worker processes, results taken back in submission order (with a token
          cache: token arrays read by position, joined in the loader thread; see token_cache.py)
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from data_processing.docstream import EPOCH_END, HOST_SPLITS, DocStream, epoch_start
+from data_processing.docstream import EPOCH_END, HOST_SPLITS, DocStream, at_epoch_start, epoch_start
 from data_processing.packing import DocumentEncoder, EncodeOptions, Packer, init_worker, worker_encode
 from data_processing.shards import MAX_RECORD_BYTES, BadRecordCounter
 from data_processing.sources import HFDatasetSource, ShardSource, make_source
@@ -90,12 +90,6 @@ def _check_epoch_sizes(chunks, *, window: int, process_index: int, process_count
         yield start, end, ids
 
 
-def _at_epoch_start(doc_state: dict[str, Any] | None) -> bool:
-    if doc_state is None:
-        return True
-    return not (doc_state["unit"] or doc_state["line"] or doc_state["emitted"] or doc_state["buffer"])
-
-
 class TokenLoader:
     """Infinite iterator of host-local int32 batches ``[batch_size_per_host, block_size + 1]``.
 
@@ -104,7 +98,9 @@ class TokenLoader:
     Host ``process_index`` of ``process_count`` reads only its own documents: ``host_split``
     ``"shards"`` gives it whole shards of each epoch (``order[(i + epoch) % P :: P]``),
     ``"lines"`` every ``process_count``-th line of the epoch's stream, ``"auto"`` shards when
-    there are at least as many shards as hosts (see ``docstream``). ``num_workers`` tokenizer processes
+    there are at least as many shards as hosts (see ``docstream``). ``interleave``: how many of the
+    host's shards (units) are read at once, line by line in a seeded mix, before the
+    ``shuffle_buffer`` (1: one shard after another). ``num_workers`` tokenizer processes
     (0: tokenize in the loader thread). ``skip_bad`` counts, logs and skips bad records instead
     of raising ``ShardError``; ``bad_records`` holds the counts. Epochs repeat forever, each with
     a new seeded shard order and shuffle.
@@ -138,9 +134,10 @@ class TokenLoader:
         host_split: str = "auto",
         token_cache: str | None = None,
         max_record_bytes: int | None = MAX_RECORD_BYTES,
+        interleave: int = 16,
     ):
-        if block_size < 1 or batch_size_per_host < 1 or tokenize_batch < 1:
-            raise ValueError("block_size, batch_size_per_host and tokenize_batch must be positive")
+        if block_size < 1 or batch_size_per_host < 1 or tokenize_batch < 1 or interleave < 1:
+            raise ValueError("block_size, batch_size_per_host, tokenize_batch and interleave must be positive")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.source = make_source(source, max_record_bytes=max_record_bytes)
@@ -155,6 +152,7 @@ class TokenLoader:
         self.batch_size_per_host = batch_size_per_host
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
+        self.interleave = int(interleave)
         self.num_workers = num_workers
         self.process_index = process_index
         self.process_count = process_count
@@ -229,6 +227,13 @@ class TokenLoader:
                 f"loader state has host_split={saved_split!r} but this loader has {self.host_split!r}: "
                 f"the hosts' documents differ; set data.host_split={saved_split} to resume it"
             )
+        # States saved before interleaving read one shard at a time.
+        saved_interleave = state.get("interleave", 1)
+        if saved_interleave != self.interleave:
+            raise ValueError(
+                f"loader state has interleave={saved_interleave!r} but this loader has {self.interleave!r}: "
+                f"the document order differs; set data.stream_interleave={saved_interleave} to resume it exactly"
+            )
         self._shutdown_thread()
         self._state = state
         self._start(state["docs"], int(state["skip"]))
@@ -268,6 +273,7 @@ class TokenLoader:
             "process_count": self.process_count,
             "num_units": len(self.source),
             "host_split": self.host_split,
+            "interleave": self.interleave,
             "encode": dataclasses.asdict(self.encode_options),
             "docs": doc_state,
             "skip": skip,
@@ -341,6 +347,7 @@ class TokenLoader:
                 bad=self.bad_records,
                 state=doc_state,
                 host_split=self.host_split,
+                interleave=self.interleave,
             )
             window = self.block_size + 1
             chunks = _check_epoch_sizes(
@@ -348,7 +355,7 @@ class TokenLoader:
                 window=window,
                 process_index=self.process_index,
                 process_count=self.process_count,
-                from_start=_at_epoch_start(doc_state) and skip == 0,
+                from_start=at_epoch_start(doc_state) and skip == 0,
             )
             packer = Packer(
                 chunks, block_size=self.block_size, batch_size=self.batch_size_per_host, skip=skip

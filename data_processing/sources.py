@@ -1,12 +1,14 @@
 """Document sources for the loader: shard files, or a Hugging Face ``datasets`` stream.
 
-A source is a sequence of *units* (a shard file, or the whole HF stream) and each unit is a
+A source is a sequence of *units* (a shard file, or one shard of an HF stream) and each unit is a
 sequence of numbered lines (1-based). The loader addresses a document by ``(unit, line)``,
 which is what makes its state small: it can re-read any document by position instead of
 storing text. ``iter_unit`` yields ``(line, Document | None)`` for every line so the caller can
 track its position; ``None`` stands for a line that is blank, bad (and skipped) or owned by
 another host. Ownership is decided *before* parsing so that hosts skip the JSON work for the
-documents they do not own.
+documents they do not own, and ``owned`` is called as each line is reached, never ahead: the
+document stream reads several units interleaved and decides ownership from how many lines it
+has read in all (``docstream``).
 """
 
 from __future__ import annotations
@@ -129,12 +131,16 @@ _FILE_BUILDERS = {"json", "parquet", "csv", "text", "arrow"}
 
 
 class HFDatasetSource:
-    """A Hugging Face ``datasets`` stream (``load_dataset(..., streaming=True)``) as one unit.
+    """A Hugging Face ``datasets`` stream (``load_dataset(..., streaming=True)``), one unit per
+    shard of the stream (``IterableDataset.n_shards``, e.g. one per data file): unit ``i`` is
+    ``ds.shard(n_shards, i)``, so the document stream interleaves them and splits them between
+    hosts like shard files.
 
     Example: ``HFDatasetSource("json", data_files="data/*.jsonl")`` or
     ``HFDatasetSource("parquet", data_files=[...])``; hub ids such as
     ``HFDatasetSource("codeparrot/github-code", allow_hub=True)``. Positions are example
-    indices, so resuming re-streams up to the saved position (``IterableDataset.skip``).
+    indices within a unit, so resuming re-streams that unit up to the saved position
+    (``IterableDataset.skip``).
     """
 
     def __init__(
@@ -164,11 +170,13 @@ class HFDatasetSource:
         self._ds = None
 
     def __len__(self) -> int:
-        return 1
+        """The stream's shards (resolves the data files once)."""
+        return max(1, int(self._dataset().n_shards))
 
     def describe(self, unit: int) -> str:
-        """Human-readable name of the stream, for error messages."""
-        return f"datasets:{self.path}" + (f"[{self.name}]" if self.name else "") + f"/{self.split}"
+        """Human-readable name of the stream (and the unit, if it has several), for error messages."""
+        name = f"datasets:{self.path}" + (f"[{self.name}]" if self.name else "") + f"/{self.split}"
+        return name if len(self) == 1 else f"{name}#shard{unit}of{len(self)}"
 
     def _dataset(self):
         if self._ds is not None:
@@ -186,6 +194,14 @@ class HFDatasetSource:
         )
         return self._ds
 
+    def _unit_dataset(self, unit: int):
+        """The stream of one unit: the whole stream if it has one shard, else its ``unit``-th."""
+        ds = self._dataset()
+        count = len(self)
+        if not 0 <= unit < count:
+            raise IndexError(f"{self.describe(0)}: unit {unit} of {count}")
+        return ds if count == 1 else ds.shard(num_shards=count, index=unit)
+
     def iter_unit(
         self,
         unit: int,
@@ -196,7 +212,7 @@ class HFDatasetSource:
         bad: BadRecordCounter | None = None,
     ) -> Iterator[tuple[int, Document | None]]:
         """Yield ``(index, document)`` (1-based) for examples after ``start_line``."""
-        ds = self._dataset()
+        ds = self._unit_dataset(unit)
         if start_line:
             ds = ds.skip(start_line)
         where_prefix = self.describe(unit)

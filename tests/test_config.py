@@ -149,6 +149,7 @@ BAD_VALUES = {
     "data.validation_dir": [""],
     "data.block_size": ["0", "-128"],
     "data.shuffle_buffer": ["-1", "0"],
+    "data.stream_interleave": ["0", "-16"],
     "data.num_workers": ["0", "-2"],
     "data.tokenize_batch": ["0"],
     "data.prefetch": ["0", "-1"],

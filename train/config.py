@@ -193,6 +193,8 @@ class DataConfig:
     validation_dir: str = setting("data/validation", non_empty())  # validation shards
     block_size: int = setting(128, at_least(1))  # tokens per training example (the loader packs block_size + 1)
     shuffle_buffer: int = setting(1000, at_least(1))  # documents held in the seeded shuffle buffer; 1 = no shuffle
+    # streaming loader: shards read at once, mixed line by line before the shuffle buffer; 1 = one after another
+    stream_interleave: int = setting(16, at_least(1))
     num_workers: int = setting(1, at_least(1))  # tokenizer worker processes
     tokenize_batch: int = setting(256, at_least(1))  # documents per tokenizer call
     prefetch: int = setting(2, at_least(1))  # batches prepared ahead of the step

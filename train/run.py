@@ -176,6 +176,7 @@ def make_train_loader(cfg: C.Config, *, quiet: bool = False):
         shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, process_index=jax.process_index(),
         process_count=jax.process_count(), skip_bad=d.skip_bad, prefetch=d.prefetch,
         tokenize_batch=d.tokenize_batch, encode=encode_options(cfg), host_split=d.host_split, token_cache=cache,
+        interleave=d.stream_interleave,
     )
 
 
