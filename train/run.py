@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from data_processing.atomic import write_json_atomic
 from data_processing.tokens import TokenizerFileError, tokenizer_info
 from train import config as C
 from train.core import distributed, sharding
@@ -193,9 +193,7 @@ def write_mixture_info(loader, cfg: C.Config, run_dir: Path) -> Path | None:
     info = {"mixture": dict(cfg.data.mixture), "run_rows": rows, "block_size": cfg.data.block_size,
             "languages": loader.language_counts(rows)}
     path = run_dir / MIXTURE_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, info)
     return path
 
 
