@@ -55,3 +55,14 @@ def spark():
                                        "spark.sql.shuffle.partitions": "2"})
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE (vocab 1000) trained in under a second on some stdlib source."""
+    from tests.helpers import byte_level_bpe, stdlib_texts
+
+    tok = byte_level_bpe(stdlib_texts(300_000), 1000)
+    out = tmp_path_factory.mktemp("tok")
+    tok.save(str(out / "tokenizer.json"))
+    return out

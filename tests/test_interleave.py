@@ -15,7 +15,7 @@ from data_processing.docstream import EPOCH_END, DocStream, epoch_start
 from data_processing.loader import HFDatasetSource, TokenLoader
 from data_processing.shards import write_shard
 from data_processing.sources import ShardSource
-from tests.helpers import byte_level_bpe, stdlib_documents, stdlib_texts
+from tests.helpers import stdlib_documents
 
 SHARDS = 8
 PER_SHARD = 40
@@ -56,14 +56,6 @@ def jsonl_files(tmp_path_factory) -> tuple[list[str], list[str]]:
         path.write_text("".join(json.dumps({"content": t}) + "\n" for t in docs[s * PER_SHARD : (s + 1) * PER_SHARD]))
         files.append(str(path))
     return files, docs
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    tok = byte_level_bpe(stdlib_texts(200_000), 600)
-    out = tmp_path_factory.mktemp("tok")
-    tok.save(str(out / "tokenizer.json"))
-    return out
 
 
 def _epoch(stream: DocStream) -> list[str]:

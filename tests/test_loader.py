@@ -15,19 +15,10 @@ import pytest
 
 from data_processing.loader import HFDatasetSource, TokenLoader, validation_batches
 from data_processing.shards import ShardError, write_shard
-from tests.helpers import byte_level_bpe, stdlib_documents, stdlib_texts
+from tests.helpers import stdlib_documents
 
 BLOCK = 64
 BATCH = 4
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A byte-level BPE (vocab 1000) trained in under a second on some stdlib source."""
-    tok = byte_level_bpe(stdlib_texts(300_000), 1000)
-    out = tmp_path_factory.mktemp("tok")
-    tok.save(str(out / "tokenizer.json"))
-    return out
 
 
 @pytest.fixture(scope="session")

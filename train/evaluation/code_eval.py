@@ -14,6 +14,7 @@ No JAX at import time: the harness runs on any CPU machine.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 from collections import defaultdict
@@ -44,6 +45,20 @@ def read_problems(path: str | os.PathLike | None = None) -> dict[str, dict]:
     file:line and the field."""
     required = tuple(f for f in benchmarks.FIELDS if f != "canonical_solution")
     return benchmarks.read_problem_file(path if path is not None else problems_path(), required)
+
+
+def add_harness_args(parser: argparse.ArgumentParser) -> None:
+    """The options every sandboxed benchmark command takes: workers, timeout, results file, docs
+    row, and the explicit opt-out of isolation."""
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per sample")
+    parser.add_argument("--out", help="write per-sample results here (JSONL)")
+    parser.add_argument("--no-docs", action="store_true", help="do not append the summary to docs/evaluation.md")
+    parser.add_argument("--docs", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--note", default="", help="free text for the docs row")
+    parser.add_argument("--unsafe-no-isolation", action="store_true",
+                        help="run samples without the OS sandbox (only where bubblewrap cannot run; "
+                             "untrusted code then has this user's rights)")
 
 
 # --------------------------------------------------------------------------- truncation and pass@k

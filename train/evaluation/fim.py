@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.evaluation.code_eval import read_problems, run_sample
+from train.evaluation.code_eval import add_harness_args, read_problems, run_sample
 from train.evaluation.results_table import append_row
 from train.evaluation.sandbox import SandboxUnavailableError, require_isolation
 
@@ -177,14 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="score this many tasks, drawn with --seed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 64 single-line, 256 multi-line")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per sample")
-    parser.add_argument("--out", help="write per-task results here (JSONL)")
-    parser.add_argument("--no-docs", action="store_true", help="do not append the summary to docs/evaluation.md")
-    parser.add_argument("--docs", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--note", default="", help="free text for the docs row")
-    parser.add_argument("--unsafe-no-isolation", action="store_true",
-                        help="run programs without the OS sandbox (untrusted code then has this user's rights)")
+    add_harness_args(parser)
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")

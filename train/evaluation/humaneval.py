@@ -35,7 +35,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from train.evaluation.code_eval import KS, evaluate, read_problems, truncate
+from train.evaluation.code_eval import KS, add_harness_args, evaluate, read_problems, truncate
 from train.evaluation.results_table import append_row
 from train.evaluation.sandbox import SandboxUnavailableError, require_isolation
 
@@ -104,16 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-new-tokens", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per sample")
     parser.add_argument("--limit", type=int, default=None, help="only the first N tasks")
-    parser.add_argument("--out", help="write per-sample results here (JSONL)")
-    parser.add_argument("--no-docs", action="store_true", help="do not append the summary to docs/evaluation.md")
-    parser.add_argument("--docs", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--note", default="", help="free text for the docs row")
-    parser.add_argument("--unsafe-no-isolation", action="store_true",
-                        help="run samples without the OS sandbox (only where bubblewrap cannot run; "
-                             "untrusted code then has this user's rights)")
+    add_harness_args(parser)
     args = parser.parse_args(argv)
     if args.samples_per_task < 1:
         parser.error("--samples-per-task must be >= 1")
