@@ -37,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from itertools import chain
+from itertools import chain, pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,6 +165,7 @@ def run_ours(args, cfg, sets: list[str], work: Path, points: list[int], log_ever
         cmd += ["--set", s]
     train_s = run_cmd(cmd, "ours: train", "ours", watch=ours_progress(run_dir / "metrics.jsonl", cfg.train.max_steps))
     records = read_metrics(run_dir / "metrics.jsonl")
+    skip = tuple(step * cfg.train.batch_size * cfg.data.block_size for step in points)
     t = time.perf_counter()
     folders = {}
     for step in points:
@@ -175,7 +176,8 @@ def run_ours(args, cfg, sets: list[str], work: Path, points: list[int], log_ever
         folders[step] = out
     return {"folders": folders, "train_s": train_s, "export_s": time.perf_counter() - t,
             "tokens": records[-1]["tokens"], "steps": records[-1]["step"],
-            "train_loss": records[-1]["loss"], "tokens_per_second": steady_rate(flush_marks(records))}
+            "train_loss": records[-1]["loss"], "tokens_per_second": steady_rate(flush_marks(records), skip),
+            "tokens_per_second_with_saves": steady_rate(flush_marks(records))}
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -215,15 +217,20 @@ def flush_marks(records: list[dict]) -> list[tuple[int, float]]:
     return [(tokens, seconds) for seconds, tokens in done.items()]
 
 
-def steady_rate(marks: list[tuple[int, float]]) -> float | None:
-    """Tokens/s between the first and the last (tokens, seconds) mark with distinct times: excludes
-    start-up and compilation (before the first mark)."""
+def steady_rate(marks: list[tuple[int, float]], skip_after: tuple[int, ...] = ()) -> float | None:
+    """Tokens/s of training steps only: over the intervals between consecutive (tokens, seconds)
+    marks with distinct times, from the first mark (start-up and compilation come before it) to the
+    last, leaving out each interval that starts at a token count in ``skip_after`` (the checkpoint
+    points: ours writes a checkpoint there, the peer copies its weights, and neither is a training
+    step)."""
     marks = sorted(set(marks))
-    first = marks[0]
-    last = marks[-1]
-    if last[1] <= first[1]:
-        return None
-    return (last[0] - first[0]) / (last[1] - first[1])
+    tokens = seconds = 0.0
+    for (t0, s0), (t1, s1) in pairwise(marks):
+        if t0 in skip_after or s1 <= s0:
+            continue
+        tokens += t1 - t0
+        seconds += s1 - s0
+    return tokens / seconds if seconds > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +339,7 @@ def run_peer(cfg, data: Path, tok: Path, work: Path, points: list[int], log_ever
                       callbacks=[callback])
     out = trainer.train()
     train_s = time.perf_counter() - t
+    skip = tuple(step * cfg.train.batch_size * cfg.data.block_size for step in points)
     folders = {}
     for step, state in callback.snaps.items():
         model.load_state_dict(state)
@@ -341,7 +349,9 @@ def run_peer(cfg, data: Path, tok: Path, work: Path, points: list[int], log_ever
     return {"folders": folders, "train_s": train_s, "data_prep_s": prep_s,
             "tokens": int(trainer.state.num_input_tokens_seen),
             "steps": trainer.state.global_step, "train_loss": callback.loss, "trainer_train_loss": out.training_loss,
-            "tokens_per_second": steady_rate(callback.marks[log_every - 1:]), "device": "cuda" if cuda else "cpu",
+            "tokens_per_second": steady_rate(callback.marks[log_every - 1:], skip),
+            "tokens_per_second_with_saves": steady_rate(callback.marks[log_every - 1:]),
+            "device": "cuda" if cuda else "cpu",
             "train_rows": len(train_set)}
 
 
@@ -476,6 +486,8 @@ def side_summary(side: dict, curve: list[dict]) -> dict:
     out = {k: (round(side[k], 2) if isinstance(side[k], float) else side[k]) for k in keep if k in side}
     out.update({"final_heldout_loss": curve[-1]["heldout_loss"], "points": curve,
                 "tokens_per_second": None if rate is None else round(rate, 1),
+                "tokens_per_second_with_saves": (None if side.get("tokens_per_second_with_saves") is None
+                                                 else round(side["tokens_per_second_with_saves"], 1)),
                 "tokens_per_second_end_to_end": round(side["tokens"] / side["train_s"], 1),
                 "final_train_loss": None if side["train_loss"] is None else round(side["train_loss"], 4)})
     return out

@@ -8,6 +8,7 @@ TINY_OVERRIDES = [
     "model.vocab_size=300", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
     "model.window_size=8", "model.max_position_embeddings=64", "data.block_size=32",
     "train.batch_size=8", "model.compute_dtype=float32", "schedule.warmup_steps=0",
+    "model.loss_chunk_size=0",  # the plain loss, which the chunked-loss tests compare against
 ]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDE_FIELDS = ["tokens", "steps", "train_s", "eval_s", "final_heldout_loss", "points", "tokens_per_second",
-               "tokens_per_second_end_to_end", "final_train_loss"]
+               "tokens_per_second_with_saves", "tokens_per_second_end_to_end", "final_train_loss"]
 TOP_FIELDS = ["ours", "peer", "loss_gap", "speedup", "order", "heldout_tokens", "recipe", "machine", "load_avg",
               "command", "date", "wall_s", "png"]
 
@@ -65,3 +65,15 @@ def test_bad_option_is_one_line_naming_it(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: --points: expected a positive integer, got 0"]
     assert not any(tmp_path.iterdir())
+
+
+def test_steady_rate_leaves_out_the_checkpoint_intervals():
+    """Tokens/s of training steps only: an interval that starts at a checkpoint point (ours writes
+    a checkpoint there, the peer copies its weights) is not counted; marks sharing a time are one."""
+    sys.path.insert(0, str(ROOT))
+    from bench.convergence import steady_rate
+
+    marks = [(10, 1.0), (20, 2.0), (25, 2.5), (30, 4.0), (40, 5.0), (40, 5.0)]
+    assert steady_rate(marks) == pytest.approx(30 / 4.0)
+    assert steady_rate(marks, (25,)) == pytest.approx(25 / 2.5)
+    assert steady_rate([(10, 1.0)]) is None
