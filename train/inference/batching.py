@@ -13,7 +13,7 @@ column, so a row's prompt can sit in the columns just behind the write head and 
 columns after it. A row of ``p`` prompt tokens and ``m`` new ones needs ``p + m`` columns (its
 prompt bucket too, to insert it): in a ring at least that long, none of its columns is written
 again before it ends. The ring is only as long as the live rows need, one of ``ring_buckets``
-(32, 64, 96, 128, 192, ... up to the model's positions): attention per step costs what the live
+(64, 128, 256, ... up to the model's positions): attention per step costs what the live
 rows need, not the model's whole context. A row that needs more grows the ring before it is
 inserted, and the ring shrinks when the rows that needed it end; both copy the columns just
 behind the head into the new ring, so every live row keeps the columns it needs. The number of
@@ -39,15 +39,16 @@ from train.inference.decoding import PROMPT_BUCKET, SEGMENT_TOKENS, prefill, sam
 SLOT_BUCKETS = (1, 4, 16)
 
 
-def ring_buckets(positions: int) -> tuple[int, ...]:
-    """Ring lengths for a model of ``positions`` positions: 32, 64, 96, 128, 192, 256, 384, ...
-    (x2 and x1.5 steps), ending with the positions rounded up to the prompt bucket."""
+def ring_buckets(positions: int, smallest: int = 2 * PROMPT_BUCKET) -> tuple[int, ...]:
+    """Ring lengths for a model of ``positions`` positions: ``smallest`` doubled until the
+    positions rounded up to the prompt bucket (the last one). Few lengths, because each one
+    multiplies the compiled shapes (segment, insert, copies) by the slot buckets."""
     full = -(-positions // PROMPT_BUCKET) * PROMPT_BUCKET
-    sizes, p = {PROMPT_BUCKET}, 2 * PROMPT_BUCKET
+    sizes, p = [], max(PROMPT_BUCKET, smallest)
     while p < full:
-        sizes |= {p, p * 3 // 2}
+        sizes.append(p)
         p *= 2
-    return tuple(sorted(b for b in sizes if b < full)) + (full,)
+    return (*sizes, full)
 
 
 def _with_index(cache, head):
@@ -152,11 +153,11 @@ class SlotDecoder:
     """
 
     def __init__(self, cfg: ModelConfig, params, *, max_slots: int = 16, eos_id: int | None = None,
-                 top_k: int = 0, segment_tokens: int = SEGMENT_TOKENS):
+                 top_k: int = 0, segment_tokens: int = SEGMENT_TOKENS, min_ring: int = 2 * PROMPT_BUCKET):
         self.cfg, self.params = cfg, params
         self.max_slots = max_slots
         self.eos_id = eos_id
-        self.rings = ring_buckets(cfg.max_position_embeddings)
+        self.rings = ring_buckets(cfg.max_position_embeddings, min_ring)
         self.ring = self.rings[0]
         self.segments = 0
         self._seg, self._top_k = int(segment_tokens), int(top_k)
