@@ -235,7 +235,11 @@ class SlotDecoder:
         moved = [-1] * self.slots
         for new, old in enumerate(keep):
             moved[old] = new
-        self._relayout(keep, target, min(ring, self.ring))
+        # Slots, then ring: two copies, but each changes one dimension, so the compiled copies
+        # are per (slots, slots', ring) and (slots, ring, ring'), not every pair of shapes.
+        self._relayout(keep, target)
+        if ring < self.ring:
+            self._relayout(list(range(self.slots)), self.slots, ring)
         return moved
 
     def _relayout(self, keep: list[int], slots: int, ring: int | None = None) -> None:
