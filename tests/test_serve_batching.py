@@ -163,3 +163,21 @@ def test_n_choices_at_temperature_run_as_one_batch(engine):
         again = client.post("/v1/completions", json=body).json()
         texts = [c["text"] for c in first["choices"]]
         assert texts == [c["text"] for c in again["choices"]] and len(set(texts)) > 1
+
+
+def test_warm_compiles_the_shapes_decoding_uses(tiny):
+    from train.inference import batching
+
+    cfg, params = tiny
+    dec = SlotDecoder(cfg, params, max_slots=4, min_ring=32)
+    dec.warm()
+    sizes = {f: f._cache_size() for f in (batching._slot_segment, batching._insert, batching._relayout_cache)}
+    s = dec.free_slot()
+    dec.admit(s, ROWS[2], max_new_tokens=8)  # ring 32, one slot
+    dec.admit(dec.reserve(1)[0], ROWS[0], max_new_tokens=40)  # 4 slots, ring 64
+    while not all(dec.done):
+        dec.step()
+    dec.release(0)
+    dec.release(1)
+    dec.shrink()
+    assert {f: f._cache_size() for f in sizes} == sizes  # nothing compiled on first use

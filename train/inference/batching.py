@@ -181,6 +181,33 @@ class SlotDecoder:
         self.used = [False] * slots  # a row (live or finished) occupies the slot
         self.tokens: list[list[int]] = [[] for _ in range(slots)]
 
+    def warm(self) -> None:
+        """Compile, before the first request, what the decoder runs between (slots, ring) shapes:
+        every segment; the prefill and insert of the first prompt bucket for each row bucket; the
+        copies that change the slots or the ring. Longer prompts' buckets compile on first use."""
+        T = PROMPT_BUCKET
+        buckets = sorted({b for b in SLOT_BUCKETS if b < self.max_slots} | {self.max_slots})
+        rows = {R: prefill(self.params, np.zeros((R, T), np.int32), np.tile(np.arange(T, dtype=np.int32), (R, 1)),
+                           cfg=self.cfg, max_len=T) for R in buckets}
+        for B in buckets:
+            for ring in self.rings:
+                z = np.zeros(B, np.int32)
+
+                def fresh(B=B, ring=ring):
+                    return M.init_cache(self.cfg, self.params, B, ring), jnp.zeros((B, self._V), jnp.float32)
+
+                cache, logits = fresh()
+                _slot_segment(self.params, logits, cache, z, np.ones(B, bool), z, z, np.zeros((B, 2), np.uint32),
+                              np.zeros(B, np.float32), np.ones(B, np.float32), self._eos, np.int32(0), cfg=self.cfg,
+                              top_k=self._top_k, n_tokens=self._seg)
+                for R in (b for b in buckets if b <= B):
+                    logits_RV, row_cache, _ = rows[R]
+                    _insert(*fresh(), row_cache, logits_RV, np.full(R, B, np.int32), np.int32(0))
+                for B2 in (b for b in buckets if b != B):
+                    _relayout_cache(*fresh(), np.full(B2, -1, np.int32), np.int32(0), ring=ring)
+                for ring2 in (r for r in self.rings if r != ring):
+                    _relayout_cache(*fresh(), np.arange(B, dtype=np.int32), np.int32(0), ring=ring2)
+
     def _vocab(self) -> int:
         # The logits' width is the padded vocabulary of the output layer, not cfg.vocab_size.
         return int(jax.eval_shape(lambda: prefill(self.params, jnp.zeros((1, 1), jnp.int32),
@@ -357,7 +384,10 @@ class ContinuousWorker:
         self.rows: dict = {}  # slot -> (Job, RowText)
 
     def run(self, stop) -> None:
-        """Serve queued jobs until ``stop`` is set."""
+        """Serve queued jobs until ``stop`` is set (after compiling the decoder's shapes when the
+        engine asks for a warm-up)."""
+        if getattr(self.engine, "warmup", False):
+            self.dec.warm()
         while not stop.is_set():
             self._admit(block=not self.rows)
             if not self.rows:
