@@ -7,7 +7,7 @@ import pytest
 
 from tests.helpers import tiny_hf_gpt_neo
 from tests.test_serve import PROMPTS, hf_dir  # noqa: F401 - module fixture
-from train.inference.batching import SlotDecoder
+from train.inference.batching import SlotDecoder, ring_buckets
 from train.inference.decoding import generate_ids
 from train.interop.hf_io import load_hf_folder
 
@@ -51,7 +51,7 @@ def test_rows_joining_later_decode_as_alone(tiny):
     new = both.reserve(3)
     assert both.slots == 16 and new == [3, 4, 5] and both.tokens[1] == mine and both.used[:3] == [True] * 3
     # One row after another, each released and the cache shrunk: the write head wraps the ring
-    # (64 + 32 + 16 columns) several times, results unchanged.
+    # (64 columns, the model's positions) several times, results unchanged.
     for k in range(9):
         for s in range(dec.slots):
             if dec.used[s]:
@@ -63,6 +63,48 @@ def test_rows_joining_later_decode_as_alone(tiny):
             dec.step()
         assert dec.tokens[s] == alone[k % 3], k
     assert dec.slots == 1 and dec.segments * 16 > 2 * dec.ring
+
+
+def test_ring_grows_and_shrinks_with_the_rows_it_holds(tiny):
+    cfg, params = tiny
+    assert ring_buckets(64) == (64,) and ring_buckets(128) == (64, 128) and ring_buckets(100) == (64, 128)
+    assert ring_buckets(2048) == (64, 128, 256, 512, 1024, 2048) and ring_buckets(64, 32) == (32, 64)
+    alone = {(k, n): generate_ids(cfg, params, [ROWS[k]], max_new_tokens=n)[0] for k, n in ((2, 20), (0, 40), (1, 20))}
+    dec = SlotDecoder(cfg, params, min_ring=32)  # rings of 32 and 64 columns
+    a = dec.free_slot()
+    dec.admit(a, ROWS[2], max_new_tokens=20)  # 3 + 20 columns: the 32-column ring
+    assert dec.ring == 32
+    dec.step()
+    b = dec.free_slot()
+    dec.admit(b, ROWS[0], max_new_tokens=40)  # 11 + 40: the ring grows to 64 while A runs
+    assert dec.ring == 64 and dec.slots == 4 and not dec.done[a]
+    while not dec.done[a]:
+        dec.step()
+    assert dec.tokens[a] == alone[2, 20]
+    dec.release(a)
+    dec.shrink(slots=False)
+    assert dec.ring == 64  # B still needs it
+    dec.step()  # B: 32 tokens
+    c = dec.free_slot()
+    dec.admit(c, ROWS[1], max_new_tokens=20)  # 5 + 20: fits the ring as it is
+    dec.step()
+    assert dec.done[b] and dec.tokens[b] == alone[0, 40] and not dec.done[c]
+    dec.release(b)
+    assert dec.shrink(slots=False) == [0, 1, 2, 3] and dec.ring == 32  # C alone: its columns move
+    while not dec.done[c]:  # ... and the head wraps the shorter ring
+        dec.step()
+    assert dec.tokens[c] == alone[1, 20]
+    # Moving rows to fewer slots shrinks the ring too; a joiner that needs more grows it again.
+    d = dec.free_slot()
+    dec.admit(d, ROWS[2], max_new_tokens=10)
+    dec.release(c)
+    assert dec.shrink() == [-1, 0, -1, -1] and dec.slots == 1 and dec.ring == 32
+    dec.admit(dec.reserve(1)[0], ROWS[0], max_new_tokens=50)
+    assert dec.ring == 64 and dec.slots == 4
+    while not all(dec.done):
+        dec.step()
+    assert dec.tokens[0] == generate_ids(cfg, params, [ROWS[2]], max_new_tokens=10)[0]
+    assert dec.tokens[1] == generate_ids(cfg, params, [ROWS[0]], max_new_tokens=50)[0]
 
 
 def test_seeded_sample_ignores_batch_mates(tiny):
@@ -121,3 +163,21 @@ def test_n_choices_at_temperature_run_as_one_batch(engine):
         again = client.post("/v1/completions", json=body).json()
         texts = [c["text"] for c in first["choices"]]
         assert texts == [c["text"] for c in again["choices"]] and len(set(texts)) > 1
+
+
+def test_warm_compiles_the_shapes_decoding_uses(tiny):
+    from train.inference import batching
+
+    cfg, params = tiny
+    dec = SlotDecoder(cfg, params, max_slots=4, min_ring=32)
+    dec.warm()
+    sizes = {f: f._cache_size() for f in (batching._slot_segment, batching._insert, batching._relayout_cache)}
+    s = dec.free_slot()
+    dec.admit(s, ROWS[2], max_new_tokens=8)  # ring 32, one slot
+    dec.admit(dec.reserve(1)[0], ROWS[0], max_new_tokens=40)  # 4 slots, ring 64
+    while not all(dec.done):
+        dec.step()
+    dec.release(0)
+    dec.release(1)
+    dec.shrink()
+    assert {f: f._cache_size() for f in sizes} == sizes  # nothing compiled on first use

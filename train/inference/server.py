@@ -64,7 +64,7 @@ class Engine:
     thread (log probabilities) and a small pool that tokenizes prompts off the event loop."""
 
     def __init__(self, cfg, params, tokenizer, *, queue_size: int = 64, max_batch: int = 16,
-                 continuous: bool = True):
+                 continuous: bool = True, warmup: bool = False):
         from train.inference.decoding import fim_sentinels
 
         self.cfg, self.params, self.tok = cfg, params, tokenizer
@@ -85,6 +85,7 @@ class Engine:
         self._scorer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="codeneo-score")
         self._stop = threading.Event()
         self.continuous = continuous  # slot KV cache (train/inference/batching.py), else whole batches
+        self.warmup = warmup  # continuous: compile the decoder's shapes before serving (SlotDecoder.warm)
         self._thread = threading.Thread(target=self._run_continuous if continuous else self._run,
                                         name="codeneo-engine", daemon=True)
         self._thread.start()
@@ -537,6 +538,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                         help="continuous: requests join the running batch at segment boundaries; static: whole batches "
                              "of requests with the same settings (see docs/benchmarks.md#serving)")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="continuous batching: do not compile every (slots, ring) shape before serving (requests "
+                             "wait for each compile on first use instead)")
     args = parser.parse_args(argv)
     try:
         api_key = resolve_api_key(args.api_key, args.api_key_file)
@@ -547,7 +551,8 @@ def main(argv=None) -> int:
     from train.inference.decoding import load_model
 
     cfg, params, tok = load_model(args.run, args.hf)
-    engine = Engine(cfg, params, tok, queue_size=args.queue_size, continuous=args.batching == "continuous")
+    engine = Engine(cfg, params, tok, queue_size=args.queue_size, continuous=args.batching == "continuous",
+                    warmup=not args.no_warmup)
     limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens,
                           request_timeout=args.timeout, max_body_bytes=args.max_body_bytes)
     app = create_app(engine, model_name=args.model_name, api_key=api_key, limits=limits)
