@@ -292,7 +292,7 @@ COUNT_FORKS = """def count_forks():
 
 def test_process_limit_is_per_sample():
     """A sample holding all its processes does not reduce what another sample may fork."""
-    limits = Limits(timeout=60.0, processes=5)  # the hog is killed below, long before its timeout
+    limits = Limits(timeout=180.0, processes=5)  # the hog is killed below, long before its timeout
     hog_name, counter_name = "hv" + secrets.token_hex(6), "hv" + secrets.token_hex(6)
     hog = COUNT_FORKS.replace("NAME", repr(hog_name)).replace("return forks", "while True: pass")
     hog = hog.replace("    forks = 0\n", f"    forks = 0\n    open('/proc/self/comm', 'w').write({hog_name!r})\n")
@@ -300,15 +300,18 @@ def test_process_limit_is_per_sample():
     out = {}
     thread = threading.Thread(target=lambda: out.update(hog=run_checked(hog, checker, "count_forks", limits)))
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while len(processes_named(hog_name)) < limits.processes and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(processes_named(hog_name)) == limits.processes  # itself and 4 children
     counter = COUNT_FORKS.replace("NAME", repr(counter_name))
-    assert run_checked(counter, checker, "count_forks", limits._replace(timeout=10.0)) == (True, "passed")
+    assert run_checked(counter, checker, "count_forks", limits._replace(timeout=60.0)) == (True, "passed")
     assert thread.is_alive() and len(processes_named(hog_name)) == limits.processes  # held all along
     for pid in processes_named(hog_name):
-        os.kill(pid, 9)
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:  # gone already: killing one of them can end the sandbox with the rest
+            pass
     thread.join()
     assert out["hog"] == (False, "failed: the program exited")
     assert processes_named(hog_name) == processes_named(counter_name) == []
