@@ -8,6 +8,7 @@ sees read-only (``/tmp`` it does not see at all), with modes that would let anyo
 only the sandbox's read-only view protects them.
 """
 
+import contextlib
 import json
 import os
 import secrets
@@ -308,10 +309,8 @@ def test_process_limit_is_per_sample():
     assert run_checked(counter, checker, "count_forks", limits._replace(timeout=60.0)) == (True, "passed")
     assert thread.is_alive() and len(processes_named(hog_name)) == limits.processes  # held all along
     for pid in processes_named(hog_name):
-        try:
+        with contextlib.suppress(ProcessLookupError):  # killing one of them can end the sandbox with the rest
             os.kill(pid, 9)
-        except ProcessLookupError:  # gone already: killing one of them can end the sandbox with the rest
-            pass
     thread.join()
     assert out["hog"] == (False, "failed: the program exited")
     assert processes_named(hog_name) == processes_named(counter_name) == []
