@@ -202,7 +202,9 @@ def sweep_variants(cfg) -> list[tuple[str, list[str]]]:
         *[(f"attention {impl}", [f"model.attention_impl={impl}"]) for impl in others],
         ("remat full", ["model.remat=full"]),
         ("remat dots", ["model.remat=dots"]),
-        (f"loss chunk {max(T // 4, 1)}", [f"model.loss_chunk_size={max(T // 4, 1)}"]),
+        # The loss option is the one the config does not use: chunks of T/4, or the plain loss.
+        ("loss plain", ["model.loss_chunk_size=0"]) if cfg.model.loss_chunk_size
+        else (f"loss chunk {max(T // 4, 1)}", [f"model.loss_chunk_size={max(T // 4, 1)}"]),
     ]
 
 

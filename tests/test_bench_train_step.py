@@ -18,7 +18,7 @@ def _run(*extra):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--quick", "--steps", "2", "--rounds", "2",
            "--warmup", "1", "--set", "model.num_layers=2", "--set", "train.batch_size=4",
-           "--set", "data.block_size=64", *extra]
+           "--set", "data.block_size=64", "--set", "model.loss_chunk_size=0", *extra]  # baseline: the plain loss
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)  # against a hang only
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

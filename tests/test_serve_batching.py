@@ -181,3 +181,31 @@ def test_warm_compiles_the_shapes_decoding_uses(tiny):
     dec.release(1)
     dec.shrink()
     assert {f: f._cache_size() for f in sizes} == sizes  # nothing compiled on first use
+
+
+def test_health_is_503_until_the_warm_up_is_done(hf_dir, monkeypatch):  # noqa: F811
+    """A load balancer must not route to a server still compiling: /health says "warming up" (503)
+    until SlotDecoder.warm returns, then "ok"; requests queued meanwhile are answered after it."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from train.inference import batching
+    from train.inference.decoding import load_model
+    from train.inference.server import Engine, create_app
+
+    release = threading.Event()
+    monkeypatch.setattr(batching.SlotDecoder, "warm", lambda self: release.wait(120))
+    eng = Engine(*load_model(hf_dir=str(hf_dir)), warmup=True)
+    try:
+        with TestClient(create_app(eng)) as client:
+            r = client.get("/health")
+            assert r.status_code == 503 and r.json()["status"] == "warming up"
+            release.set()
+            assert eng.ready.wait(120)
+            assert client.get("/health").json()["status"] == "ok"
+            body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+            assert client.post("/v1/completions", json=body).status_code == 200
+    finally:
+        release.set()
+        eng.close()

@@ -388,6 +388,8 @@ class ContinuousWorker:
         engine asks for a warm-up)."""
         if getattr(self.engine, "warmup", False):
             self.dec.warm()
+        if hasattr(self.engine, "ready"):
+            self.engine.ready.set()
         while not stop.is_set():
             self._admit(block=not self.rows)
             if not self.rows:

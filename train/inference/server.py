@@ -86,6 +86,11 @@ class Engine:
         self._stop = threading.Event()
         self.continuous = continuous  # slot KV cache (train/inference/batching.py), else whole batches
         self.warmup = warmup  # continuous: compile the decoder's shapes before serving (SlotDecoder.warm)
+        # Set once the engine serves: /health answers 503 until then, so a load balancer (and a
+        # test's "wait until healthy") sends nothing to a server still compiling its warm-up.
+        self.ready = threading.Event()
+        if not (continuous and warmup):
+            self.ready.set()
         self._thread = threading.Thread(target=self._run_continuous if continuous else self._run,
                                         name="codeneo-engine", daemon=True)
         self._thread.start()
@@ -441,12 +446,15 @@ def _tokenizer_routes(app, engine: Engine, model_name: str) -> None:
 
 def _info_routes(app, engine: Engine, model_name: str, metrics: ServerMetrics) -> None:
     """``/health``, ``/metrics`` and ``/v1/models``."""
-    from fastapi.responses import Response
+    from fastapi.responses import JSONResponse, Response
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queued": engine.queue.qsize(), "batches": engine.batches,
+        body = {"status": "ok", "queued": engine.queue.qsize(), "batches": engine.batches,
                 "segments": engine.segments, "fill_in_the_middle": engine.fim}
+        if not engine.ready.is_set():
+            return JSONResponse({**body, "status": "warming up"}, status_code=503)
+        return body
 
     @app.get("/metrics")
     async def prometheus():
