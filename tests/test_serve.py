@@ -76,7 +76,7 @@ def server(hf_dir, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+b")  # noqa: SIM115
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen([sys.executable, "-m", "train.serve", "--hf", str(hf_dir), "--port", str(port),
-                             "--queue-size", "32", "--api-key", "sk-test"],
+                             "--queue-size", "32", "--api-key", "sk-test", "--no-warmup"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 

@@ -452,7 +452,8 @@ def _info_routes(app, engine: Engine, model_name: str, metrics: ServerMetrics) -
     async def health():
         body = {"status": "ok", "queued": engine.queue.qsize(), "batches": engine.batches,
                 "segments": engine.segments, "fill_in_the_middle": engine.fim}
-        if not engine.ready.is_set():
+        ready = getattr(engine, "ready", None)  # an engine without a warm-up is always ready
+        if ready is not None and not ready.is_set():
             return JSONResponse({**body, "status": "warming up"}, status_code=503)
         return body
 
