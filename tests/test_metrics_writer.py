@@ -92,7 +92,8 @@ def _offline_history(run_dir, run_id):
     from wandb.proto import wandb_internal_pb2 as pb
 
     rows = []
-    for path in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+    logs = (run_dir / "wandb").glob(f"offline-run-*-{run_id}-attempt*/run-{run_id}.wandb")
+    for path in sorted(logs, key=lambda p: p.parent.name.rsplit("attempt", 1)[1]):
         data, pos, chunks, part = path.read_bytes(), 7, [], b""  # 7: the ":W&B" file header
         while pos + 7 <= len(data):
             left = 32768 - pos % 32768
@@ -141,10 +142,12 @@ def test_wandb_offline_history_holds_each_step_once_after_a_resume(tmp_path, mon
     assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id
     history = _offline_history(tmp_path, run_id)
     assert [(r["_step"], r["loss"]) for r in history] == [(10, 9.0), (20, 8.0), (30, 7.0), (40, 1.0), (50, 1.0)]
-    assert len(list((tmp_path / "wandb" / "superseded").glob(f"offline-run-*-{run_id}"))) == 1
+    assert len(list((tmp_path / "wandb" / "superseded").glob(f"offline-run-*-{run_id}-attempt*"))) == 1
 
     third = MetricsWriter(tmp_path, cfg, resume_step=50)  # nothing lost: the run simply continues
     third.write({"step": 60, "loss": 0.5})
     third.close()
     wandb.teardown()
     assert [r["_step"] for r in _offline_history(tmp_path, run_id)] == [10, 20, 30, 40, 50, 60]
+    # one folder per attempt, even when two start within one second (wandb names them by the second)
+    assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}-attempt*"))) == 2

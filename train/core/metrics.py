@@ -195,14 +195,22 @@ def _start_wandb(run_dir, cfg: Config, *, replay: bool):
         old, run_id = run_id, _wandb_id(run_dir, renew=True)
         print(f"[train] wandb: steps after the checkpoint were lost; run {old} keeps them, "
               f"this run continues as {run_id} with the kept history replayed", flush=True)
+    # Each attempt gets its own folder: wandb names it by the start second, and two attempts
+    # started within one second would otherwise write one transaction log over the other.
+    attempt = f"attempt{_next_attempt(Path(run_dir) / 'wandb', run_id):03d}"
     return wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name or Path(cfg.run.output_dir).name,
                       dir=str(Path(run_dir)), mode=cfg.logging.wandb_mode, config=to_dict(cfg), resume="allow",
-                      id=run_id)
+                      id=run_id, settings=wandb.Settings(x_sync_dir_suffix=attempt))
+
+
+def _next_attempt(wandb_dir: Path, run_id: str) -> int:
+    """One more than the attempts of ``run_id`` so far, set aside ones included."""
+    return 1 + sum(1 for d in (wandb_dir, wandb_dir / "superseded") for _ in d.glob(f"*run-*-{run_id}*"))
 
 
 def _supersede_offline_runs(wandb_dir: Path, run_id: str) -> None:
     """Move every offline attempt directory of ``run_id`` into ``wandb_dir/superseded/``."""
-    old = sorted(wandb_dir.glob(f"offline-run-*-{run_id}"))
+    old = sorted(wandb_dir.glob(f"offline-run-*-{run_id}*"))
     if old:
         (wandb_dir / "superseded").mkdir(exist_ok=True)
         for path in old:
