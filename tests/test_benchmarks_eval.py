@@ -76,9 +76,14 @@ def test_codex_protocol_samples_at_both_temperatures(problem_file, tmp_path, mon
     only when hot scores 0 and 1."""
     import train.inference.decoding
 
-    calls = []
+    calls, loads = [], []
 
-    def fake_make_completion_fn(**kwargs):
+    def fake_load_model(run_dir, hf_dir):
+        loads.append((run_dir, hf_dir))
+        return "cfg", "params", "tok"
+
+    def fake_completion_fn_from_params(*model, **kwargs):
+        assert model == ("cfg", "params", "tok")
         calls.append((kwargs["temperature"], kwargs["seed"]))
         right = kwargs["temperature"] == 0.8
 
@@ -86,11 +91,13 @@ def test_codex_protocol_samples_at_both_temperatures(problem_file, tmp_path, mon
             return [(p["canonical_solution"] if right else "    return 0\n") for p in TWO_PROBLEMS for _ in range(n)]
         return fn
 
-    monkeypatch.setattr(train.inference.decoding, "make_completion_fn", fake_make_completion_fn)
+    monkeypatch.setattr(train.inference.decoding, "load_model", fake_load_model)
+    monkeypatch.setattr(train.inference.decoding, "completion_fn_from_params", fake_completion_fn_from_params)
     out, docs = tmp_path / "rows.jsonl", tmp_path / "evaluation.md"
     assert humaneval.main(["--run", "r", "--problems", str(problem_file), "--samples-per-task", "10",
                            "--out", str(out), "--docs", str(docs), "--timeout", str(WALL)]) == 0
     assert calls == [(0.2, 0), (0.8, 1000)]
+    assert loads == [("r", None)]  # the model is loaded once for both passes
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 40 and {r["temperature"] for r in rows} == {0.2, 0.8}
     line = docs.read_text().splitlines()[-1]

@@ -236,20 +236,20 @@ def test_cli_model_backend_truncates(tmp_path, problems, monkeypatch):
 
     seen = {}
 
-    def fake_make_completion_fn(**kwargs):
-        seen.update(kwargs)
+    def fake_completion_fn_from_params(*model, **kwargs):
+        seen.update(kwargs, model=model)
 
         def fn(prompts, n):
             return [problems[t]["canonical_solution"] + "\ndef junk(:\n" for t in list(problems)[:len(prompts)]
                     for _ in range(n)]
         return fn
 
-    monkeypatch.setattr(train.inference.decoding, "make_completion_fn", fake_make_completion_fn)
+    monkeypatch.setattr(train.inference.decoding, "load_model", lambda run_dir, hf_dir: (run_dir, hf_dir))
+    monkeypatch.setattr(train.inference.decoding, "completion_fn_from_params", fake_completion_fn_from_params)
     out = tmp_path / "rows.jsonl"
     assert main(["--run", "some/run", "--limit", "2", "--samples-per-task", "2", "--temperature", "0.8",
                  "--top-p", "0.9", "--max-new-tokens", "64", "--out", str(out), "--no-docs"]) == 0
-    assert seen == {"run_dir": "some/run", "hf_dir": None, "temperature": 0.8, "top_p": 0.9,
-                    "max_new_tokens": 64, "seed": 0}
+    assert seen == {"model": ("some/run", None), "temperature": 0.8, "top_p": 0.9, "max_new_tokens": 64, "seed": 0}
     rows = [json.loads(ln) for ln in out.read_text().splitlines()]
     assert len(rows) == 4 and all(r["passed"] for r in rows)
     assert all("junk" not in r["completion"] for r in rows)
@@ -257,7 +257,7 @@ def test_cli_model_backend_truncates(tmp_path, problems, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_with_a_tiny_real_model(tmp_path, tiny_corpus, capsys):
-    """End to end through train.generate.make_completion_fn: random weights, so everything fails,
+    """End to end through load_model + completion_fn_from_params: random weights, so everything fails,
     but every sample is generated, truncated, run and counted."""
     import json
     import shutil

@@ -38,12 +38,12 @@ def problems_path() -> Path:
     return benchmarks.humaneval_path()
 
 
-def read_problems(path: str | os.PathLike | None = None) -> dict[str, dict]:
+def read_problems(path: str | os.PathLike | None = None, *, need_solutions: bool = False) -> dict[str, dict]:
     """``{task_id: problem}`` in file order; a problem has ``prompt``, ``canonical_solution``,
     ``test`` and ``entry_point`` (``canonical_solution`` may be missing from a ``--problems`` file
-    that is only sampled). A malformed file raises ``BenchmarkFileError`` (a ``ValueError``) naming
-    file:line and the field."""
-    required = tuple(f for f in benchmarks.FIELDS if f != "canonical_solution")
+    that is only sampled, unless ``need_solutions``). A malformed file raises
+    ``BenchmarkFileError`` (a ``ValueError``) naming file:line and the field."""
+    required = benchmarks.FIELDS if need_solutions else tuple(f for f in benchmarks.FIELDS if f != "canonical_solution")
     return benchmarks.read_problem_file(path if path is not None else problems_path(), required)
 
 

@@ -192,9 +192,7 @@ def main(argv=None) -> int:
             require_isolation()
         from train.inference.decoding import load_model
 
-        problems = read_problems(args.problems)
-        if any("canonical_solution" not in p for p in problems.values()):
-            raise ValueError(f"{args.problems}: every problem needs a canonical_solution to cut gaps from")
+        problems = read_problems(args.problems, need_solutions=True)  # the gaps are cut from them
         tasks = choose(build_tasks(problems, args.mode), args.limit, args.seed)
         mcfg, params, tok = load_model(args.run, args.hf)
         infill = infill_fn_from_params(mcfg, params, tok,

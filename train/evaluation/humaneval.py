@@ -67,11 +67,12 @@ def sampling_passes(temperature: float | None, samples: int) -> list[tuple[float
     return [(t, ks) for t, ks in CODEX_PASSES if ks and min(ks) <= max(samples, 1)]
 
 
-def generate_completions(args, problems: dict, temperature: float, seed: int) -> dict[str, list[str]]:
-    from train.inference.decoding import make_completion_fn  # JAX only when a model is needed
+def generate_completions(args, model, problems: dict, temperature: float, seed: int) -> dict[str, list[str]]:
+    """``samples_per_task`` completions of every problem from ``model`` (``load_model``'s triple)."""
+    from train.inference.decoding import completion_fn_from_params  # JAX only when a model is needed
 
-    fn = make_completion_fn(run_dir=args.run, hf_dir=args.hf, temperature=temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, seed=seed)
+    fn = completion_fn_from_params(*model, temperature=temperature, top_p=args.top_p,
+                                   max_new_tokens=args.max_new_tokens, seed=seed)
     ids = list(problems)
     n = args.samples_per_task
     out = fn([problems[t]["prompt"] for t in ids], n)
@@ -116,13 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_problems(args) -> tuple[dict[str, dict], str]:
     """The problems to evaluate (``--limit`` applied) and the benchmark's name for the summary."""
-    problems = read_problems(args.problems)
-    if not problems:
-        raise ValueError(f"{args.problems}: no problems")
-    if args.canonical:
-        missing = [t for t, p in problems.items() if "canonical_solution" not in p]
-        if missing:
-            raise ValueError(f"{args.problems}: --canonical needs canonical_solution, missing for {missing[0]}")
+    problems = read_problems(args.problems, need_solutions=args.canonical)
     if args.limit is not None:
         problems = dict(list(problems.items())[:args.limit])
     name = Path(args.problems).name.split(".")[0] if args.problems else "HumanEval"
@@ -142,10 +137,13 @@ def score(args, problems: dict) -> tuple[list[dict], dict, str, str]:
             completions = load_completions(args.completions, problems)
         rows, summary = run(completions)
         return rows, summary, "canonical solutions" if args.canonical else Path(args.completions).name, ""
+    from train.inference.decoding import load_model
+
+    model = load_model(args.run, args.hf)  # once for every sampling pass
     rows, summary = [], {}
     passes = sampling_passes(args.temperature, args.samples_per_task)
     for i, (temperature, ks) in enumerate(passes):
-        pass_rows, pass_summary = run(generate_completions(args, problems, temperature, args.seed + 1000 * i))
+        pass_rows, pass_summary = run(generate_completions(args, model, problems, temperature, args.seed + 1000 * i))
         rows += [dict(r, temperature=temperature) for r in pass_rows]
         summary.update({k: v for k, v in pass_summary.items() if not k.startswith("pass@")})
         summary.update({f"pass@{k}": pass_summary[f"pass@{k}"] for k in ks if f"pass@{k}" in pass_summary})

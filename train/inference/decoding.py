@@ -273,18 +273,10 @@ def load_model(run_dir: str | None = None, hf_dir: str | None = None, step: int 
     return mcfg, params, tokenizer
 
 
-def make_completion_fn(run_dir=None, hf_dir=None, *, temperature: float = 0.0, top_p: float = 1.0,
-                       top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 16):
-    """A function ``(prompts, n) -> completions`` (n per prompt, generated text only), used by the
-    HumanEval harness and the completion server."""
-    mcfg, params, tok = load_model(run_dir, hf_dir)
-    return completion_fn_from_params(mcfg, params, tok, temperature=temperature, top_p=top_p, top_k=top_k,
-                                     max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
-
-
 def completion_fn_from_params(mcfg: ModelConfig, params, tok, *, temperature: float = 0.0, top_p: float = 1.0,
                               top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 16):
-    """Like ``make_completion_fn`` over parameters already in memory (used during training).
+    """A function ``(prompts, n) -> completions`` (n per prompt, generated text only) over
+    parameters in memory (``load_model``'s, or the trainer's): the HumanEval harness and hook.
     Each prompt is fed after ``<|endoftext|>``, as every training document starts (the Codex
     protocol); prompts longer than the model's positions allow are cut from the left."""
     eos = tok.convert_tokens_to_ids(EOS_TOKEN)
