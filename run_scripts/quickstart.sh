@@ -33,7 +33,8 @@ python -m train.metrics --run "$RUN" --require-falling
 
 say "5/5 export to a Hugging Face folder, and sample"
 python -m train.export --run "$RUN" --out "$RUN/hf"
-python -m train.generate --run "$RUN" --prompt "def fibonacci(n):" --max-new-tokens 48 --temperature 0
+# Sampled (temperature 0.7, top-p 0.95): greedy decoding of a model this small repeats one line.
+python -m train.generate --run "$RUN" --prompt "def fibonacci(n):" --max-new-tokens 64 --temperature 0.7 --top-p 0.95
 
 say "report"
 python -m train.report --run "$RUN" --out "$RUN/report"
