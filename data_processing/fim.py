@@ -33,6 +33,16 @@ def fim_pieces(text: str, rng: np.random.Generator) -> tuple[str, str, str]:
     return text[:i], text[i:j], text[j:]
 
 
+def arrange(prefix: list[int], middle: list[int], suffix: list[int], spm: bool,
+            sentinels: tuple[int, int, int]) -> list[int]:
+    """The FIM body from the three tokenized pieces and the sentinel ids ``(prefix, suffix,
+    middle)``: PSM or SPM order (see the module docstring), without the ``<|endoftext|>``."""
+    pre, suf, mid = sentinels
+    if spm:
+        return [pre, suf, *suffix, mid, *prefix, *middle]
+    return [pre, *prefix, suf, *suffix, mid, *middle]
+
+
 def infill_prompt(prefix: str, suffix: str) -> str:
     """The PSM prompt for infilling between ``prefix`` and ``suffix``: the model writes the
     middle after it and ends it with ``<|endoftext|>``."""

@@ -24,7 +24,9 @@ global batch size, encode options, mixture), whatever the number of processes, a
 state is a single row count. A row is looked up in memory-mapped token arrays of the cache
 entries through one small index per shard (see ``_UnitIndex``; 4 bytes a document, 5 with
 control codes, 4 more with windows, 16 a same-language run with a mixture: docs/data_order.md).
-Fill-in-the-middle is not served (``global_order_supported``).
+With ``fim_rate > 0`` each row handed out is rearranged for fill-in-the-middle after it is
+assembled, per ``<|endoftext|>``-separated segment, keyed by the row's sequence position
+(``data_processing.fim_rows``; BigCode's Megatron-LM way).
 
 No JAX here: each host gets numpy arrays; the trainer assembles the global ``jax.Array``.
 """
@@ -45,12 +47,13 @@ from typing import Any
 
 import numpy as np
 
+from data_processing.fim_rows import RowFim, fim_rows
 from data_processing.mixture import PERIOD, MixtureSchedule, language_key, resolve_weights
 from data_processing.packing import EncodeOptions
 from data_processing.shards import BadRecordCounter, ShardError
 from data_processing.sources import ShardSource, count_bad
 from data_processing.token_cache import TokenCache, TokenCacheError
-from data_processing.tokens import control_token, load_tokenizer_file
+from data_processing.tokens import FIM_TOKENS, control_token, load_tokenizer_file, sentinel_ids
 
 __all__ = ["GlobalOrderLoader", "feistel_permute", "global_order_supported"]
 
@@ -65,11 +68,9 @@ _AHEAD_TOKENS = 1 << 20  # tokens per host read at once (4 MB): numpy's per-call
 
 def global_order_supported(encode: EncodeOptions | None) -> str | None:
     """None if the global order serves ``encode``; otherwise the reason it does not (one line,
-    naming the option), for the trainer to print before it falls back to ``TokenLoader``."""
-    o = encode or EncodeOptions()
-    if o.fim_rate > 0:
-        return ("data.fim_rate > 0: fill-in-the-middle rearranges each document's text, drawn per epoch, "
-                "so rows are not fixed token-cache slices; using the streaming TokenLoader")
+    naming the option), for the trainer to print before it falls back to ``TokenLoader``.
+    Every option is served today (control codes, windows, fill-in-the-middle per row); the
+    trainer asks here so that an option added later names itself when it is not."""
     return None
 
 
@@ -196,8 +197,10 @@ class GlobalOrderLoader:
     ``[global_batch_size // process_count, block_size + 1]``; see the module docstring.
 
     ``cache``: a ``TokenCache``, or its folder together with ``source`` (the training shards)
-    and ``tokenizer_path``. ``encode``: control codes and sliding windows (``window`` must be
-    ``block_size + 1``) are served, fill-in-the-middle is not (see ``global_order_supported``).
+    and ``tokenizer_path``. ``encode``: control codes, sliding windows (``window`` must be
+    ``block_size + 1``) and fill-in-the-middle (``fim_rate``, ``fim_spm_rate``: applied to each
+    row after it is assembled, per segment, ``data_processing.fim_rows``; ``gather`` gives the
+    rows before it).
     Bad records: their lines hold no tokens in the cache; they raise ``ShardError`` (file:line)
     when the loader is built unless ``skip_bad``, which counts them in ``bad_records`` and
     leaves them out of the stream. ``mixture``: ``{language: weight}`` (``data.mixture``; see
@@ -259,6 +262,7 @@ class GlobalOrderLoader:
         if mixture:
             self.mixture = self._build_mixture(mixture)
             self.rows_per_epoch = self.mixture.rows_per_epoch
+        self._fim = self._row_fim(encode)
         self._corpus = hashlib.sha256(json.dumps([self.cache.tok_hash, metas]).encode()).hexdigest()[:16]
         self._check_batch(global_batch_size)
         self.global_batch_size = global_batch_size
@@ -311,7 +315,8 @@ class GlobalOrderLoader:
         return out
 
     def rows_at(self, position: int, count: int) -> np.ndarray:
-        """The rows (int32 ``[count, block_size + 1]``) at sequence positions ``position ...``."""
+        """The rows (int32 ``[count, block_size + 1]``) at sequence positions ``position ...``, as
+        ``next`` hands them out (with FIM applied)."""
         return self._rows_at_positions(np.arange(position, position + count, dtype=np.int64))
 
     def language_rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -356,7 +361,8 @@ class GlobalOrderLoader:
                 for i, name in enumerate(mix.languages)}
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        """Tokens of stream rows ``rows`` (int64 ``[n]``): int32 ``[n, block_size + 1]``.
+        """Tokens of stream rows ``rows`` (int64 ``[n]``): int32 ``[n, block_size + 1]``, as the
+        cache holds them (fill-in-the-middle is applied after, by sequence position).
 
         Each row is one or (at a shard boundary) more contiguous pieces of a shard's stream; a
         piece's document tokens are one contiguous slice of the shard's token array, with the
@@ -368,7 +374,15 @@ class GlobalOrderLoader:
         return self._assemble(pieces, len(rows))
 
     def _rows_at_positions(self, positions: np.ndarray) -> np.ndarray:
-        """The rows (int32 ``[n, block_size + 1]``) at sequence positions ``positions`` (int64 ``[n]``)."""
+        """The rows (int32 ``[n, block_size + 1]``) at sequence positions ``positions`` (int64 ``[n]``),
+        as the trainer gets them: with FIM, rearranged per segment, keyed by ``(epoch, position)``."""
+        rows_BT = self._stream_rows_at(positions)
+        if self._fim is None:
+            return rows_BT
+        return fim_rows(rows_BT, positions // self.rows_per_epoch, positions, self._fim)
+
+    def _stream_rows_at(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at sequence positions ``positions`` as the cache holds them (before FIM)."""
         if self.mixture is None:
             return self.gather(self.row_indices(positions))
         lang, rows = self.language_rows(positions)
@@ -511,6 +525,17 @@ class GlobalOrderLoader:
             rows = index.row_starts.astype(np.int64)[bounds]
             return doc_lang[first], self._row_base[unit] + rows[:-1], np.diff(rows), tokens
         return doc_lang[first], self._unit_base[unit] + starts[:-1], tokens, tokens
+
+    def _row_fim(self, encode: EncodeOptions | None) -> RowFim | None:
+        """What ``fim_rows`` needs, or None without FIM; the sentinels must be in the tokenizer."""
+        if encode is None or encode.fim_rate <= 0:
+            return None
+        sentinels = sentinel_ids(self._tokenizer)
+        if sentinels is None:
+            raise ValueError(f"data.fim_rate: {self.cache.tokenizer_path} lacks the fill-in-the-middle tokens "
+                             f"{list(FIM_TOKENS)}")
+        heads = frozenset(int(i) for ids in self._control_ids for i in ids.tolist() if i >= 0)
+        return RowFim(self._tokenizer, encode.fim_rate, encode.fim_spm_rate, self.seed, self.eos_id, sentinels, heads)
 
     def _check_batch(self, batch: int) -> None:
         """Refuse a global batch the order cannot serve, in one line naming train.batch_size."""

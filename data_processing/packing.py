@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from data_processing.fim import fim_pieces
+from data_processing.fim import arrange, fim_pieces
 from data_processing.tokens import FIM_TOKENS, control_token, load_tokenizer_file, sentinel_ids, tokenizer_file
 
 
@@ -143,12 +143,8 @@ class DocumentEncoder:
             elif count == 1:
                 bodies.append(encoded[first])
             else:
-                pre, suf, mid = self.sentinels
                 prefix, middle, suffix = encoded[first : first + 3]
-                if spm:
-                    bodies.append([pre, suf, *suffix, mid, *prefix, *middle])
-                else:
-                    bodies.append([pre, *prefix, suf, *suffix, mid, *middle])
+                bodies.append(arrange(prefix, middle, suffix, spm, self.sentinels))
         heads = [self.control_id(doc) for doc in docs] if o.control_codes else None
         if not o.window:
             return self._join(heads, bodies)

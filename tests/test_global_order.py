@@ -340,17 +340,17 @@ def test_damaged_tokens_refused(plain, tmp_path):
 
 
 def test_supported_options():
-    """Everything but fill-in-the-middle is served."""
+    """Every option is served, fill-in-the-middle too (per row: tests/test_global_order_fim.py)."""
     assert global_order_supported(None) is None
     assert global_order_supported(EncodeOptions(control_codes=True)) is None
-    assert "data.fim_rate" in global_order_supported(EncodeOptions(fim_rate=0.5))
-    assert global_order_supported(EncodeOptions(window=33, stride=16, control_codes=True)) is None
+    assert global_order_supported(EncodeOptions(fim_rate=0.5, fim_spm_rate=0.5)) is None
+    assert global_order_supported(EncodeOptions(window=33, stride=16, control_codes=True, fim_rate=0.5)) is None
 
 
-def test_unsupported_options_and_missing_control_codes_refused(plain):
-    """FIM is refused in one line; control codes the tokenizer lacks are named."""
+def test_missing_fim_sentinels_and_control_codes_refused(plain):
+    """FIM sentinels or control codes the tokenizer lacks are named, in one line."""
     cache_dir, data_dir, tok_dir = plain
-    with pytest.raises(ValueError, match="data.fim_rate"):
+    with pytest.raises(ValueError, match=r"^data.fim_rate: .* lacks the fill-in-the-middle tokens \['<\|fim_prefix"):
         _loader(cache_dir, data_dir, tok_dir, encode=EncodeOptions(fim_rate=0.1))
     with pytest.raises(ValueError, match=r"data.control_codes: .* has no token '<\|python\|>'"):
         _loader(cache_dir, data_dir, tok_dir, encode=EncodeOptions(control_codes=True))

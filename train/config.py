@@ -206,9 +206,9 @@ class DataConfig:
     # windows packing: tokens between window starts; 0 = block_size (no label overlap); at most block_size
     window_stride: int = setting(0, at_least(0))
     control_codes: bool = setting(False, anything())  # prepend each document's language token (<|python|>, ...)
-    # fraction of documents rearranged for fill-in-the-middle (Bavarian et al. 2022)
+    # fraction of row segments (global order) or documents (streaming) rearranged for fill-in-the-middle
     fim_rate: float = setting(0.0, fraction())
-    fim_spm_rate: float = setting(0.0, fraction())  # of the fill-in-the-middle documents, the fraction in SPM order
+    fim_spm_rate: float = setting(0.0, fraction())  # of the fill-in-the-middle segments, the fraction in SPM order
     # pre-tokenized shards, built on the first start; auto = RUN_DIR/token_cache; empty = off
     token_cache: str = setting("auto", anything())
     # global: one seeded order over the token cache, the same for any host count; stream: streaming loader
@@ -432,10 +432,9 @@ def validate(cfg: Config) -> None:
     Device-count checks live in ``validate_for_devices``."""
     check_fields(cfg)
     m, d = cfg.model, cfg.data
-    if d.mixture and (d.order == "stream" or d.fim_rate > 0):
-        why = "data.order is stream" if d.order == "stream" else "data.fim_rate > 0 uses the streaming loader"
-        raise ConfigError(f"data.mixture: applies to the global data order only ({why}); remove the mixture "
-                          "or use the global order")
+    if d.mixture and d.order == "stream":
+        raise ConfigError("data.mixture: applies to the global data order only (data.order is stream); remove "
+                          "the mixture or use the global order")
     if d.window_stride > d.block_size:
         raise ConfigError(f"data.window_stride: expected 0..block_size ({d.block_size}), got {d.window_stride}")
     if m.hidden_size % m.num_heads:
