@@ -519,7 +519,9 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.train.max_steps % points_n:
         raise BenchError(f"--points: {points_n} does not divide --steps {cfg.train.max_steps} (evenly spaced points)")
     points = checkpoint_steps(cfg.train.max_steps, points_n)
-    log_every = min(preset["log_every"], points[0])
+    # Flushes between checkpoints: the steady rate leaves out the intervals that start at one, so
+    # logging only at the checkpoints would leave no interval to time.
+    log_every = min(preset["log_every"], max(1, points[0] // 2))
     tokens_per_step = cfg.train.batch_size * cfg.data.block_size
     log(f"recipe: {cfg.train.max_steps} steps x {cfg.train.batch_size} x {cfg.data.block_size} = "
         f"{cfg.train.max_steps * tokens_per_step} training tokens; points {points}")

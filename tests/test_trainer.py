@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import tiny_config
 from train import config as C
 from train.core.metrics import read_metrics
 from train.core.run_dir import restore_params
@@ -237,3 +238,31 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one_exactly(tiny_c
     got = [r for r in read_metrics(tmp_path / "part") if "loss" in r]
     assert [r["step"] for r in got] == list(range(1, 11))  # each step once
     assert all(r["loss"] == ref[r["step"]] for r in got), (got, ref)
+
+
+def test_records_of_one_flush_share_its_time(monkeypatch):
+    """Every record of a flush carries the flush's time: its steps were all done by then. (A clock
+    read per record dated the first ones earlier, which bench/convergence.py read as steps taking
+    no time: ours' steady rate came out ~11% too high.)"""
+    import itertools
+    import types
+
+    from train.core import loop as L
+    from train.core import sharding
+
+    clock = iter(range(100, 1000, 7))  # every reading of the clock later than the last
+    monkeypatch.setattr(L.time, "time", lambda: float(next(clock)))
+    mesh = sharding.make_mesh(tiny_config())
+
+    def train_step(state, batch):
+        return state + 1, {"loss": 1.0, "learning_rate": 0.1, "grad_norm": 1.0}
+
+    compiled = types.SimpleNamespace(train_step=train_step, mesh=mesh)
+    records = []
+    loop = L.TrainLoop(compiled, types.SimpleNamespace(step=0), itertools.repeat(np.zeros((8, 33), np.int32)),
+                       tokens_per_step=8, log_every=5, log=records.append, rates=lambda n: {})
+    loop.state = 0
+    loop.run(10)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    times = [r["elapsed_s"] for r in records]
+    assert len(set(times[:5])) == 1 and len(set(times[5:])) == 1 and times[5] > times[0]

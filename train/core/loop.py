@@ -123,10 +123,13 @@ class TrainLoop:
                 raise TrainingError(f"step {s}: loss is {loss}; stopping. "
                                     f"Last good checkpoint: {self.last_good_checkpoint or 'none'}")
         rates = self._rates(len(steps))
+        # One time for the whole flush: every step in it was done by then. A clock read per record
+        # would date the first records earlier than the last, as if those steps took no time.
+        elapsed_s = round(time.time() - self._t0, 3)
         for s, m in zip(steps, fetched, strict=True):
             record = {"step": s, "loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
                       "grad_norm": float(m["grad_norm"]), "tokens": s * self.tokens_per_step, **rates,
-                      "elapsed_s": round(time.time() - self._t0, 3)}
+                      "elapsed_s": elapsed_s}
             self.log(record)
             self.history.append(record)
         if self._on_metrics is not None:
