@@ -140,11 +140,20 @@ def test_short_request_overtakes_a_long_one(engine):
 
     from train.inference.server import Job
 
-    started = threading.Event()
-    long = Job(engine.tok.encode(PROMPTS[2]), 96, 0.0, 1.0, 0, on_text=lambda _t: started.set())
+    started, queued = threading.Event(), threading.Event()
+
+    def hold_first_text(_text):
+        # The worker waits on the long request's first text until the short one is queued, so
+        # the short one joins with ~1 of the 96 tokens done however slowly this thread runs.
+        if not started.is_set():
+            started.set()
+            queued.wait(120)
+
+    long = Job(engine.tok.encode(PROMPTS[2]), 96, 0.0, 1.0, 0, on_text=hold_first_text)
     engine.submit(long)
     assert started.wait(120)
     short = engine.submit(Job(engine.tok.encode(PROMPTS[0]), 16, 0.0, 1.0, 0))
+    queued.set()
     assert short.result(timeout=120).tokens == 16
     assert not long.future.done()  # joined the running batch instead of waiting for it
     assert long.future.result(timeout=120).tokens == 96
