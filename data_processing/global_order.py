@@ -55,7 +55,7 @@ from data_processing.sources import ShardSource, count_bad
 from data_processing.token_cache import TokenCache, TokenCacheError
 from data_processing.tokens import FIM_TOKENS, control_token, load_tokenizer_file, sentinel_ids
 
-__all__ = ["GlobalOrderLoader", "feistel_permute", "global_order_supported"]
+__all__ = ["GlobalOrderLoader", "feistel_permute"]
 
 STATE_KIND = "global_order"
 # A string, not TokenLoader's integer: TokenLoader.restore refuses this state on its version check.
@@ -64,14 +64,6 @@ _ROUNDS = 6  # Feistel rounds (even: the radices come back): 4 already look rand
 _OPEN_UNITS = 64  # memory-mapped token arrays kept open (each holds a file descriptor)
 _M64 = (1 << 64) - 1
 _AHEAD_TOKENS = 1 << 20  # tokens per host read at once (4 MB): numpy's per-call cost paid once for many rows
-
-
-def global_order_supported(encode: EncodeOptions | None) -> str | None:
-    """None if the global order serves ``encode``; otherwise the reason it does not (one line,
-    naming the option), for the trainer to print before it falls back to ``TokenLoader``.
-    Every option is served today (control codes, windows, fill-in-the-middle per row); the
-    trainer asks here so that an option added later names itself when it is not."""
-    return None
 
 
 # -- the permutation ---------------------------------------------------------------------------
@@ -226,9 +218,6 @@ class GlobalOrderLoader:
             raise ValueError(f"data.block_size: expected a positive number of tokens, got {block_size}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        reason = global_order_supported(encode)
-        if reason is not None:
-            raise ValueError(reason)
         self.cache = _open_cache(cache, source, tokenizer_path)
         self.control_codes = bool(encode and encode.control_codes)
         self.block_size, self.window = block_size, block_size + 1

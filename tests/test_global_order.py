@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_processing.global_order import GlobalOrderLoader, _UnitIndex, feistel_permute, global_order_supported
+from data_processing.global_order import GlobalOrderLoader, _UnitIndex, feistel_permute
 from data_processing.loader import TokenLoader
 from data_processing.packing import EncodeOptions, cut_windows
 from data_processing.shards import ShardError, iter_lines, list_shards, write_shard
@@ -340,11 +340,16 @@ def test_damaged_tokens_refused(plain, tmp_path):
 
 
 def test_supported_options():
-    """Every option is served, fill-in-the-middle too (per row: tests/test_global_order_fim.py)."""
-    assert global_order_supported(None) is None
-    assert global_order_supported(EncodeOptions(control_codes=True)) is None
-    assert global_order_supported(EncodeOptions(fim_rate=0.5, fim_spm_rate=0.5)) is None
-    assert global_order_supported(EncodeOptions(window=33, stride=16, control_codes=True, fim_rate=0.5)) is None
+    """Every option is served, fill-in-the-middle too (per row: tests/test_global_order_fim.py);
+    the trainer streams only with data.order: stream or without a token cache."""
+    from tests.helpers import tiny_config
+    from train.run import stream_reason
+
+    for extra in ([], ["data.control_codes=true"], ["data.fim_rate=0.5", "data.fim_spm_rate=0.5"],
+                  ["data.packing=windows", "data.window_stride=16", "data.control_codes=true", "data.fim_rate=0.5"]):
+        assert stream_reason(tiny_config(*extra), "cache") is None, extra
+    assert stream_reason(tiny_config("data.order=stream"), "cache") == "data.order is stream"
+    assert stream_reason(tiny_config(), None).startswith("no token cache")
 
 
 def test_missing_fim_sentinels_and_control_codes_refused(plain):

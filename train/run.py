@@ -133,14 +133,13 @@ def ensure_token_cache(cfg: C.Config, folder: str) -> None:
 
 
 def stream_reason(cfg: C.Config, cache: str | None) -> str | None:
-    """Why the run cannot use the global data order (None: it can)."""
-    from data_processing.global_order import global_order_supported
-
+    """Why the run cannot use the global data order (None: it can). Every encode option (control
+    codes, windows, fill-in-the-middle per row) is served; what it needs is a token cache."""
     if cfg.data.order == "stream":
         return "data.order is stream"
     if cache is None:
         return "no token cache (data.token_cache is empty, or data.train_dir is not a local folder)"
-    return global_order_supported(encode_options(cfg))
+    return None
 
 
 def make_train_loader(cfg: C.Config, *, quiet: bool = False):
