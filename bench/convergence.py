@@ -447,11 +447,14 @@ def parse_args(argv):
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE tokens trained here")
     p.add_argument("--data", default=None, help="prepared DATA_DIR (train/, validation/) instead of preparing one")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder instead of training one")
-    p.add_argument("--order", choices=["ours-first", "peer-first"], default="ours-first")
+    p.add_argument("--order", choices=["ours-first", "peer-first"], default="ours-first",
+                   help="which side trains first (with --seeds, they take turns from there)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs with seeds train.seed, +1, ...: figures are means over them (seed noise)")
     p.add_argument("--work", default="runs/convergence", help="work folder (corpus and tokenizer cached there)")
     p.add_argument("--png", default=None, help="plot path (default WORK/convergence.png)")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "block_size", "points", "eval_tokens"):
+    for name in ("steps", "batch_size", "block_size", "points", "eval_tokens", "seeds"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise BenchError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
@@ -493,11 +496,74 @@ def side_summary(side: dict, curve: list[dict]) -> dict:
     return out
 
 
+def _mean(values: list):
+    """Mean of numbers (an int when every value is the same int, e.g. token counts); None if any is."""
+    if any(v is None for v in values):
+        return None
+    mean = sum(values) / len(values)
+    return int(mean) if all(isinstance(v, int) for v in values) and mean.is_integer() else round(mean, 4)
+
+
+def mean_side(runs: list[dict]) -> dict:
+    """One side's figures averaged over seeds (the held-out curve point by point); one run: its figures."""
+    out = {}
+    for key, value in runs[0].items():
+        if key == "points":
+            out[key] = [{**p, "heldout_loss": _mean([r["points"][i]["heldout_loss"] for r in runs])}
+                        for i, p in enumerate(value)]
+        elif value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+            out[key] = _mean([r[key] for r in runs])
+        else:
+            out[key] = value
+    return out
+
+
+def summarize_runs(runs: list[dict]) -> dict:
+    """``runs`` (one per seed: ``seed``, ``order``, ``ours``, ``peer`` side summaries) -> the result's
+    figures: mean sides, ``loss_gap`` (mean of ours - peer final held-out loss) and its sample standard
+    deviation, ``speedup`` (mean of per-run ours/peer steady tokens/s) and its minimum, and one line per run."""
+    per_run = []
+    for run in runs:
+        ours, peer = run["ours"], run["peer"]
+        rates = ours["tokens_per_second"], peer["tokens_per_second"]
+        per_run.append({"seed": run["seed"], "order": run["order"], "ours_heldout_loss": ours["final_heldout_loss"],
+                        "peer_heldout_loss": peer["final_heldout_loss"],
+                        "loss_gap": round(ours["final_heldout_loss"] - peer["final_heldout_loss"], 4),
+                        "ours_tokens_per_second": rates[0], "peer_tokens_per_second": rates[1],
+                        "speedup": round(rates[0] / rates[1], 3) if all(rates) else None})
+    gaps = [r["loss_gap"] for r in per_run]
+    gap = sum(gaps) / len(gaps)
+    sd = (math.sqrt(sum((g - gap) ** 2 for g in gaps) / (len(gaps) - 1)) if len(gaps) > 1 else None)
+    speedups = [r["speedup"] for r in per_run]
+    known = None not in speedups
+    return {"ours": mean_side([r["ours"] for r in runs]), "peer": mean_side([r["peer"] for r in runs]),
+            "loss_gap": round(gap, 4), "loss_gap_sd": None if sd is None else round(sd, 4),
+            "speedup": round(sum(speedups) / len(speedups), 3) if known else None,
+            "speedup_min": min(speedups) if known else None, "runs": per_run}
+
+
+def run_seed(args, sets: list[str], data: Path, tok: Path, work: Path, rows, seed: int, order: list[str]) -> dict:
+    """Train and score both sides with ``train.seed=seed`` (weights and data order of both), ``order``
+    saying which side trains first; returns both side summaries."""
+    seed_sets = sets + [f"train.seed={seed}"]
+    cfg = load_recipe(args.config, seed_sets)
+    points = checkpoint_steps(cfg.train.max_steps, args.points_n)
+    log(f"seed {seed}: {' then '.join(order)}")
+    runners = {"ours": lambda: run_ours(args, cfg, seed_sets, work, points, args.log_every),
+               "peer": lambda: run_peer(cfg, data, tok, work, points, args.log_every)}
+    sides = {name: runners[name]() for name in order}
+    tokens_per_step = cfg.train.batch_size * cfg.data.block_size
+    curves = {name: score(sides[name], rows, tokens_per_step, name) for name in ("ours", "peer")}
+    return {"seed": seed, "order": order, **{n: side_summary(sides[n], curves[n]) for n in ("ours", "peer")}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; prints progress on stderr and one JSON object as stdout's last line:
-    ``ours``/``peer`` (held-out loss per point and final, tokens/s steady and end to end, seconds),
-    ``loss_gap`` (ours - peer, nats), ``speedup`` (ours/peer steady tokens/s), ``order``, ``recipe``,
-    ``machine``, ``load_avg``, ``command``, ``date``, ``wall_s``, ``png``."""
+    ``ours``/``peer`` (held-out loss per point and final, tokens/s steady and end to end, seconds;
+    with ``--seeds N`` the means over the N runs), ``loss_gap`` (ours - peer, nats; mean over seeds)
+    and ``loss_gap_sd``, ``speedup`` (ours/peer steady tokens/s; mean over seeds) and ``speedup_min``,
+    ``runs`` (one line per seed), ``order`` (the first run's), ``recipe``, ``machine``, ``load_avg``,
+    ``command``, ``date``, ``wall_s``, ``png``."""
     args = parse_args(argv)
     t0 = time.perf_counter()
     load_before = os.getloadavg()
@@ -519,43 +585,39 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.train.max_steps % points_n:
         raise BenchError(f"--points: {points_n} does not divide --steps {cfg.train.max_steps} (evenly spaced points)")
     points = checkpoint_steps(cfg.train.max_steps, points_n)
+    args.points_n = points_n
     # Flushes between checkpoints: the steady rate leaves out the intervals that start at one, so
     # logging only at the checkpoints would leave no interval to time.
-    log_every = min(preset["log_every"], max(1, points[0] // 2))
+    args.log_every = min(preset["log_every"], max(1, points[0] // 2))
     tokens_per_step = cfg.train.batch_size * cfg.data.block_size
     log(f"recipe: {cfg.train.max_steps} steps x {cfg.train.batch_size} x {cfg.data.block_size} = "
-        f"{cfg.train.max_steps * tokens_per_step} training tokens; points {points}")
-
-    order = ["ours", "peer"] if args.order == "ours-first" else ["peer", "ours"]
-    runners = {"ours": lambda: run_ours(args, cfg, sets, work, points, log_every),
-               "peer": lambda: run_peer(cfg, data, tok, work, points, log_every)}
-    sides = {name: runners[name]() for name in order}
+        f"{cfg.train.max_steps * tokens_per_step} training tokens; points {points}; seeds {args.seeds}")
     eval_tokens = args.eval_tokens or preset["eval_tokens"]
     rows = heldout_rows(data, tok, cfg.data.block_size, eval_tokens)
     log(f"evaluator: {rows.shape[0]} held-out rows, {rows.shape[0] * cfg.data.block_size} predicted tokens")
-    curves = {name: score(sides[name], rows, tokens_per_step, name) for name in ("ours", "peer")}
-    png = Path(args.png) if args.png else work / "convergence.png"
-    plot({"codeneo (ours)": curves["ours"], "HF run_clm + Trainer (peer)": curves["peer"]}, png,
-         f"{Path(args.config).name}: {cfg.train.max_steps} steps x {cfg.train.batch_size} x {cfg.data.block_size}")
 
-    ours, peer = side_summary(sides["ours"], curves["ours"]), side_summary(sides["peer"], curves["peer"])
-    speedup = (ours["tokens_per_second"] / peer["tokens_per_second"]
-               if ours["tokens_per_second"] and peer["tokens_per_second"] else None)
+    first = ["ours", "peer"] if args.order == "ours-first" else ["peer", "ours"]
+    # The sides take turns going first from one seed to the next, so neither always runs on a
+    # box the other has just warmed (or left busy).
+    runs = [run_seed(args, sets, data, tok, work, rows, cfg.train.seed + i, first if i % 2 == 0 else first[::-1])
+            for i in range(args.seeds)]
+    summary = summarize_runs(runs)
+    png = Path(args.png) if args.png else work / "convergence.png"
+    plot({"codeneo (ours)": summary["ours"]["points"], "HF run_clm + Trainer (peer)": summary["peer"]["points"]}, png,
+         f"{Path(args.config).name}: {cfg.train.max_steps} steps x {cfg.train.batch_size} x {cfg.data.block_size}"
+         + (f", mean of {args.seeds} seeds" if args.seeds > 1 else ""))
     import torch
     import transformers
 
     result = {
-        "ours": ours, "peer": peer,
-        "loss_gap": round(ours["final_heldout_loss"] - peer["final_heldout_loss"], 4),
-        "speedup": None if speedup is None else round(speedup, 3),
-        "order": order, "heldout_tokens": int(rows.shape[0] * cfg.data.block_size),
+        **summary, "order": first, "heldout_tokens": int(rows.shape[0] * cfg.data.block_size),
         "recipe": {"config": args.config, "steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size,
                    "block_size": cfg.data.block_size, "training_tokens": cfg.train.max_steps * tokens_per_step,
                    "learning_rate": cfg.optimizer.learning_rate, "b1": cfg.optimizer.b1, "b2": cfg.optimizer.b2,
                    "eps": cfg.optimizer.eps, "weight_decay": cfg.optimizer.weight_decay,
                    "clip_norm": cfg.optimizer.clip_norm, "warmup_steps": cfg.schedule.warmup_steps,
                    "min_lr_ratio": cfg.schedule.min_lr_ratio, "vocab_size": vocab_size, "seed": cfg.train.seed,
-                   "overrides": sets},
+                   "seeds": [run["seed"] for run in runs], "overrides": sets},
         "machine": machine(), "load_avg": {"before": [round(x, 2) for x in load_before],
                                            "after": [round(x, 2) for x in os.getloadavg()]},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},

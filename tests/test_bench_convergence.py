@@ -77,3 +77,31 @@ def test_steady_rate_leaves_out_the_checkpoint_intervals():
     assert steady_rate(marks) == pytest.approx(30 / 4.0)
     assert steady_rate(marks, (25,)) == pytest.approx(25 / 2.5)
     assert steady_rate([(10, 1.0)]) is None
+
+
+def _side(loss, rate, tokens=1024):
+    return {"tokens": tokens, "final_heldout_loss": loss, "tokens_per_second": rate, "device": "cpu",
+            "final_train_loss": None, "points": [{"step": 4, "tokens": tokens, "heldout_loss": loss}]}
+
+
+def test_seeds_are_summarised_by_their_means_and_spread():
+    """Two seeds: the sides' figures are means (token counts stay ints, a figure missing in one run is
+    missing), the gap is the mean gap with its sample standard deviation, the speedup the mean of
+    the runs' speedups with its minimum, and each run keeps its own line."""
+    sys.path.insert(0, str(ROOT))
+    from bench import convergence as conv
+
+    runs = [{"seed": 0, "order": ["ours", "peer"], "ours": _side(6.0, 300.0), "peer": _side(6.2, 200.0)},
+            {"seed": 1, "order": ["peer", "ours"], "ours": _side(6.4, 330.0), "peer": _side(6.3, 300.0)}]
+    s = conv.summarize_runs(runs)
+    assert s["ours"]["final_heldout_loss"] == 6.2 and s["peer"]["final_heldout_loss"] == 6.25
+    assert s["ours"]["points"] == [{"step": 4, "tokens": 1024, "heldout_loss": 6.2}]
+    assert s["ours"]["tokens"] == 1024 and isinstance(s["ours"]["tokens"], int)
+    assert s["ours"]["final_train_loss"] is None and s["ours"]["device"] == "cpu"
+    assert s["loss_gap"] == -0.05 and s["loss_gap_sd"] == round(math.sqrt(2 * 0.15 ** 2), 4)
+    assert [r["speedup"] for r in s["runs"]] == [1.5, 1.1] and s["speedup"] == 1.3 and s["speedup_min"] == 1.1
+    assert [r["order"] for r in s["runs"]] == [["ours", "peer"], ["peer", "ours"]]
+    one = conv.summarize_runs(runs[:1])
+    assert one["loss_gap"] == -0.2 and one["loss_gap_sd"] is None and one["ours"] == runs[0]["ours"]
+    runs[1]["peer"]["tokens_per_second"] = None
+    assert conv.summarize_runs(runs)["speedup"] is None
