@@ -1,7 +1,7 @@
 """Convergence benchmark: codeneo against Hugging Face's run_clm recipe, same model, data, tokens and recipe.
 
     python bench/convergence.py --quick        # tiny GPT-Neo, a few minutes on 2 CPU cores
-    python bench/convergence.py                # configs/tiny.yaml's full recipe (600 steps)
+    python bench/convergence.py                # configs/tiny.yaml's full recipe (1200 steps)
     python bench/convergence.py --config configs/gpt_neo_125m.yaml --steps 2000   # on a GPU machine
 
 Both sides train the architecture of ``--config`` from scratch on the same train shards (the Python
