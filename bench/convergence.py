@@ -542,15 +542,15 @@ def summarize_runs(runs: list[dict]) -> dict:
             "speedup_min": min(speedups) if known else None, "runs": per_run}
 
 
-def run_seed(args, sets: list[str], data: Path, tok: Path, work: Path, rows, seed: int, order: list[str]) -> dict:
+def run_seed(args, sets: list[str], data: Path, tok: Path, work: Path, rows, points: list[int], log_every: int,
+             seed: int, order: list[str]) -> dict:
     """Train and score both sides with ``train.seed=seed`` (weights and data order of both), ``order``
     saying which side trains first; returns both side summaries."""
     seed_sets = sets + [f"train.seed={seed}"]
     cfg = load_recipe(args.config, seed_sets)
-    points = checkpoint_steps(cfg.train.max_steps, args.points_n)
     log(f"seed {seed}: {' then '.join(order)}")
-    runners = {"ours": lambda: run_ours(args, cfg, seed_sets, work, points, args.log_every),
-               "peer": lambda: run_peer(cfg, data, tok, work, points, args.log_every)}
+    runners = {"ours": lambda: run_ours(args, cfg, seed_sets, work, points, log_every),
+               "peer": lambda: run_peer(cfg, data, tok, work, points, log_every)}
     sides = {name: runners[name]() for name in order}
     tokens_per_step = cfg.train.batch_size * cfg.data.block_size
     curves = {name: score(sides[name], rows, tokens_per_step, name) for name in ("ours", "peer")}
@@ -585,10 +585,9 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.train.max_steps % points_n:
         raise BenchError(f"--points: {points_n} does not divide --steps {cfg.train.max_steps} (evenly spaced points)")
     points = checkpoint_steps(cfg.train.max_steps, points_n)
-    args.points_n = points_n
     # Flushes between checkpoints: the steady rate leaves out the intervals that start at one, so
     # logging only at the checkpoints would leave no interval to time.
-    args.log_every = min(preset["log_every"], max(1, points[0] // 2))
+    log_every = min(preset["log_every"], max(1, points[0] // 2))
     tokens_per_step = cfg.train.batch_size * cfg.data.block_size
     log(f"recipe: {cfg.train.max_steps} steps x {cfg.train.batch_size} x {cfg.data.block_size} = "
         f"{cfg.train.max_steps * tokens_per_step} training tokens; points {points}; seeds {args.seeds}")
@@ -599,8 +598,8 @@ def main(argv: list[str] | None = None) -> dict:
     first = ["ours", "peer"] if args.order == "ours-first" else ["peer", "ours"]
     # The sides take turns going first from one seed to the next, so neither always runs on a
     # box the other has just warmed (or left busy).
-    runs = [run_seed(args, sets, data, tok, work, rows, cfg.train.seed + i, first if i % 2 == 0 else first[::-1])
-            for i in range(args.seeds)]
+    runs = [run_seed(args, sets, data, tok, work, rows, points, log_every, cfg.train.seed + i,
+                     first if i % 2 == 0 else first[::-1]) for i in range(args.seeds)]
     summary = summarize_runs(runs)
     png = Path(args.png) if args.png else work / "convergence.png"
     plot({"codeneo (ours)": summary["ours"]["points"], "HF run_clm + Trainer (peer)": summary["peer"]["points"]}, png,
