@@ -90,6 +90,19 @@ def test_copy_wrapped_in_a_class_is_caught(index, problem):
     assert (TASK, "ngram") in _kinds(index, renamed)
 
 
+def test_every_humaneval_problem_is_caught_copied_reindented_or_wrapped(index):
+    """All 164, not one long problem: a threshold change that loses the short ones fails here."""
+    missed = []
+    for task, prob in index.benchmarks["humaneval"].items():
+        src = _source(prob)
+        wrapped = "import math\n\nclass Solver:\n" + "\n".join("    " + ln for ln in src.splitlines()) + "\n"
+        for how, text in (("verbatim", src), ("tabs", _reindent(src, "\t")), ("2 spaces", _reindent(src, "  ")),
+                          ("wrapped", wrapped)):
+            if task not in {m.problem.task_id for m in index.match(text, python=True)}:
+                missed.append((task, how))
+    assert len(index.benchmarks["humaneval"]) == 164 and missed == []
+
+
 def test_ordinary_code_is_kept(index):
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     # statistics.py held the highest n-gram share of any stdlib file (0.64 of HumanEval/152's).

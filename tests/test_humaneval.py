@@ -218,6 +218,28 @@ def test_cli_completions_file(tmp_path, problems, capsys):
     assert "| 0.5000 | 1.0000 |  |  |  |" in docs.read_text()  # pass@1, pass@2; no k > n
 
 
+@pytest.mark.parametrize("line, says", [
+    ("{not json", ":2: not JSON"),
+    ('["HumanEval/0", "x"]', ":2: expected an object"),
+    ('{"task_id": "HumanEval/0"}', ":2: field 'completion' must be a string"),
+    ('{"task_id": "HumanEval/0", "completion": 7}', ":2: field 'completion' must be a string"),
+    ('{"task_id": "Nope/1", "completion": "x"}', ":2: unknown task_id 'Nope/1'"),
+])
+def test_cli_bad_completions_line_is_named(tmp_path, problems, capsys, line, says):
+    import json
+
+    from train.evaluation.humaneval import main
+
+    comps = tmp_path / "c.jsonl"
+    first = json.dumps({"task_id": next(iter(problems)), "completion": "    pass\n"})
+    comps.write_text(first + "\n" + line + "\n")
+    out = tmp_path / "rows.jsonl"
+    assert main(["--completions", str(comps), "--out", str(out), "--no-docs"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{comps}{says}" in err, err
+    assert not out.exists()
+
+
 def test_cli_canonical_limit(tmp_path):
     from train.evaluation.humaneval import main
 

@@ -47,14 +47,23 @@ CODEX_PASSES = ((0.2, tuple(k for k in KS if k < 10)), (0.8, tuple(k for k in KS
 
 
 def load_completions(path: str | Path, problems: dict) -> dict[str, list[str]]:
+    """``task_id -> [completion, ...]`` from a JSONL file of ``{"task_id", "completion"}`` lines; a bad
+    line is a ``ValueError`` naming the file, the line and the field."""
     completions: dict[str, list[str]] = defaultdict(list)
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: expected an object with 'task_id' and 'completion'")
             if rec.get("task_id") not in problems:
                 raise ValueError(f"{path}:{n}: unknown task_id {rec.get('task_id')!r}")
+            if not isinstance(rec.get("completion"), str):
+                raise ValueError(f"{path}:{n}: field 'completion' must be a string, got {rec.get('completion')!r:.40}")
             completions[rec["task_id"]].append(truncate(rec["completion"]))
     return dict(completions)
 
