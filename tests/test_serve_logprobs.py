@@ -67,6 +67,26 @@ def test_echo_scores_the_prompt_like_the_model(app):
     assert two[0]["text"] == PROMPTS[0]
 
 
+def test_echoed_logprobs_are_decoded_off_the_event_loop(app, monkeypatch):
+    """A long echoed prompt with logprobs decodes thousands of pieces: that work runs in the
+    tokenizer pool, never on the thread that serves /health."""
+    import threading
+
+    from train.inference import logprobs as LP
+
+    client, _ = app
+    threads, field = [], LP.logprobs_field
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return field(*args, **kwargs)
+
+    monkeypatch.setattr(LP, "logprobs_field", recording)
+    body = {"prompt": [PROMPTS[0], PROMPTS[1]], "max_tokens": 0, "echo": True, "logprobs": 3}
+    assert len(_post(client, body)["choices"]) == 2
+    assert len(threads) == 2 and all(t.startswith("codeneo-tokenize") for t in threads), threads
+
+
 def test_logprobs_of_generated_tokens_and_lm_eval_shape(app):
     client, engine = app
     prompt = PROMPTS[0]

@@ -90,10 +90,14 @@ def score_rows(cfg: ModelConfig, params, rows: list[list[int]], top_n: int) -> l
     return out  # type: ignore[return-value]
 
 
-def token_strings(tok, ids: list[int]) -> list[str]:
-    """Each id decoded on its own (what OpenAI's ``tokens`` lists). A character that byte-level
-    BPE split across tokens shows as U+FFFD in each piece, as in vLLM."""
-    return [tok.decode([t], clean_up_tokenization_spaces=False) for t in ids]
+def token_strings(tok, ids: list[int], memo: dict[int, str] | None = None) -> list[str]:
+    """Each id decoded on its own (what OpenAI's ``tokens`` lists), each distinct id once (``memo``
+    carries them across calls). A character that byte-level BPE split across tokens shows as
+    U+FFFD in each piece, as in vLLM."""
+    memo = {} if memo is None else memo
+    for t in set(ids) - memo.keys():
+        memo[t] = tok.decode([t], clean_up_tokenization_spaces=False)
+    return [memo[t] for t in ids]
 
 
 def logprobs_field(tok, ids: list[int], scores: RowScores, first: int, top_n: int) -> dict:
@@ -101,7 +105,8 @@ def logprobs_field(tok, ids: list[int], scores: RowScores, first: int, top_n: in
     ``tokens``, ``token_logprobs``, ``top_logprobs`` (token string -> log prob, ``top_n`` of
     them) and ``text_offset`` (where each token's text starts in the choice's text, counting the
     decoded pieces as vLLM does)."""
-    pieces = token_strings(tok, ids[first:])
+    memo: dict[int, str] = {}
+    pieces = token_strings(tok, ids[first:], memo)
     offsets, at = [], 0
     for p in pieces:
         offsets.append(at)
@@ -111,7 +116,7 @@ def logprobs_field(tok, ids: list[int], scores: RowScores, first: int, top_n: in
         if alts is None:
             tops.append(None)
             continue
-        names = token_strings(tok, [a for a, _ in alts])
+        names = token_strings(tok, [a for a, _ in alts], memo)
         entry: dict[str, float] = {}
         for name, (_, lp) in zip(names, alts, strict=True):
             entry.setdefault(name, lp)  # two ids that decode alike: keep the likelier

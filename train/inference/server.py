@@ -302,9 +302,9 @@ def _submit(engine: Engine, plan: Plan, emitter=None) -> list[concurrent.futures
 
 async def _choices(engine: Engine, plan: Plan, done: list[Completion]) -> list[dict]:
     """The response's choices: the text (after the echoed prompt with ``echo``) and, when asked
-    for, the log probabilities of the echoed and generated tokens."""
-    from train.inference.logprobs import logprobs_field
-
+    for, the log probabilities of the echoed and generated tokens. Decoding runs in the tokenizer
+    pool: a long echoed prompt with ``logprobs`` decodes thousands of pieces, which would hold the
+    event loop (and ``/health``) for as long."""
     req = plan.req
     if not done:  # max_tokens 0: the echoed prompt is the whole choice
         done = [Completion("", "length", 0) for _ in plan.prompts for _ in range(req.n)]
@@ -313,6 +313,14 @@ async def _choices(engine: Engine, plan: Plan, done: list[Completion]) -> list[d
     if req.logprobs is not None:
         rows = [ids + c.ids for ids, c in zip(fed, done, strict=True)]
         scores = await asyncio.wrap_future(engine.score(rows, req.logprobs))
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(engine.tokenizer_pool, _decode_choices, engine, req, fed, done, scores)
+
+
+def _decode_choices(engine: Engine, req: CompletionRequest, fed: list[list[int]], done: list[Completion],
+                    scores) -> list[dict]:
+    from train.inference.logprobs import logprobs_field
+
     choices = []
     for i, (ids, c) in enumerate(zip(fed, done, strict=True)):
         head = engine.tok.decode(ids, clean_up_tokenization_spaces=False) if req.echo else ""
