@@ -489,10 +489,10 @@ def test_queue_full_429_and_timeout_504_without_model():
         def __init__(self, full):
             self.full, self.queue = full, queue.Queue()
 
-        def submit(self, job):
+        def submit_all(self, jobs):
             if self.full:
                 raise queue.Full
-            return Future()  # never answered
+            return [Future() for _ in jobs]  # never answered
 
     for full, status in ((True, 429), (False, 504)):
         app = create_app(Stub(full), request_timeout=0.2)

@@ -159,16 +159,19 @@ def test_short_request_overtakes_a_long_one(engine):
     assert long.future.result(timeout=120).tokens == 96
 
 
-def test_n_choices_at_temperature_run_as_one_batch(engine):
+@pytest.mark.parametrize("n", [4, 16])
+def test_n_choices_at_temperature_run_as_one_batch(engine, n):
     from fastapi.testclient import TestClient
 
     from train.inference.server import create_app
 
+    assert n <= engine.max_batch
     with TestClient(create_app(engine)) as client:
-        body = {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 1.0, "n": 4, "seed": 3}
+        body = {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 1.0, "n": n, "seed": 3}
         before = engine.segments
         first = client.post("/v1/completions", json=body).json()
-        assert engine.segments - before == 1  # four rows, one 16-token segment
+        assert len(first["choices"]) == n
+        assert engine.segments - before == 1  # n rows, one 16-token segment
         again = client.post("/v1/completions", json=body).json()
         texts = [c["text"] for c in first["choices"]]
         assert texts == [c["text"] for c in again["choices"]] and len(set(texts)) > 1
@@ -218,3 +221,32 @@ def test_health_is_503_until_the_warm_up_is_done(hf_dir, monkeypatch):  # noqa: 
     finally:
         release.set()
         eng.close()
+
+
+def test_a_request_is_queued_whole_before_a_worker_drains_it(engine):
+    """A worker that took a request's first job waits for the rest (submit_all holds the lock
+    while it queues), and a full queue cancels the jobs of the request queued so far."""
+    import queue
+    import threading
+
+    from train.inference.server import Engine, Job
+
+    drained = threading.Event()
+
+    def take_then_drain():
+        engine.whole_requests()
+        drained.set()
+
+    with engine.submitting:  # a request half-queued
+        worker = threading.Thread(target=take_then_drain)
+        worker.start()
+        assert not drained.wait(0.2)
+    worker.join(10)
+    assert drained.is_set()
+
+    small = Engine.__new__(Engine)  # only the queue and the lock, no worker thread
+    small.queue, small.submitting = queue.Queue(maxsize=2), threading.Lock()
+    jobs = [Job([1, 2], 4, 0.0, 1.0, 0) for _ in range(3)]
+    with pytest.raises(queue.Full):
+        small.submit_all(jobs)
+    assert [j.future.cancelled() for j in jobs] == [True, True, False]

@@ -416,6 +416,8 @@ class ContinuousWorker:
                 job = self.engine.queue.get(timeout=0.1) if wait else self.engine.queue.get_nowait()
             except queue.Empty:
                 break
+            if wait or not jobs:
+                self.engine.whole_requests()  # the rest of this job's request is queued before we drain
             if job.future.cancelled():  # timed out or refused while queued
                 continue
             try:

@@ -77,6 +77,7 @@ class Engine:
         self.max_token_chars = max(1, max(len(t) for t in tokenizer.get_vocab()))
         self.vocab_size = min(cfg.vocab_size, len(tokenizer))
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self.submitting = threading.Lock()  # held while a request's jobs are queued (submit_all)
         self.max_batch = max_batch
         self.batches = 0
         self.segments = 0
@@ -103,8 +104,28 @@ class Engine:
 
     def submit(self, job: Job) -> concurrent.futures.Future:
         """Queue a job (raises ``queue.Full``); its future resolves to a ``Completion``."""
-        self.queue.put_nowait(job)
-        return job.future
+        return self.submit_all([job])[0]
+
+    def submit_all(self, jobs: list[Job]) -> list[concurrent.futures.Future]:
+        """Queue a request's jobs together (raises ``queue.Full``, with the jobs queued so far
+        cancelled): a worker that has taken the first waits for the rest (``whole_requests``),
+        so ``n`` choices start in one batch."""
+        with self.submitting:
+            queued = []
+            try:
+                for j in jobs:
+                    self.queue.put_nowait(j)
+                    queued.append(j)
+            except queue.Full:
+                for j in queued:
+                    j.future.cancel()
+                raise
+        return [j.future for j in jobs]
+
+    def whole_requests(self) -> None:
+        """Wait until no request is half-queued (call after taking a first job, before draining)."""
+        with self.submitting:
+            pass
 
     def close(self):
         """Stop the worker after the batch it is running."""
@@ -125,6 +146,7 @@ class Engine:
             except queue.Empty:
                 continue
             jobs = [first]
+            self.whole_requests()
             while len(jobs) < 4 * self.max_batch:
                 try:
                     jobs.append(self.queue.get_nowait())
@@ -288,13 +310,9 @@ def _submit(engine: Engine, plan: Plan, emitter=None) -> list[concurrent.futures
     if emitter is not None:
         for i, j in enumerate(jobs):
             j.on_text = emitter(i)
-    futures = []
     try:
-        for j in jobs:
-            futures.append(engine.submit(j))
+        futures = engine.submit_all(jobs)
     except queue.Full:
-        for f in futures:
-            f.cancel()
         raise RequestError(429, "server busy: request queue is full, retry later", None, "rate_limit_error") from None
     plan.jobs = jobs
     return futures
