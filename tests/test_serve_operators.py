@@ -216,3 +216,30 @@ def test_a_failing_job_fails_alone(hf_dir):  # noqa: F811
             bad.future.result(timeout=0)
     finally:
         engine.close()
+
+
+def test_guard_refuses_a_malformed_content_length_with_400():
+    """A Content-Length that is not a number is bad input (400), not a body too large (413)."""
+    import asyncio
+
+    from train.inference.http import Guard
+
+    async def app(scope, receive, send):  # reached only when the guard lets the request in
+        raise AssertionError("the guard let a malformed request through")
+
+    def call(length: bytes) -> tuple[int, dict]:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/v1/completions", "headers": [(b"content-length", length)]}
+        asyncio.run(Guard(app, api_key=None, max_body_bytes=100)(scope, receive, send))
+        return sent[0]["status"], json.loads(sent[1]["body"])
+
+    status, body = call(b"12abc")
+    assert status == 400 and "Content-Length" in body["error"]["message"]
+    assert call(b"1000")[0] == 413

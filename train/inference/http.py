@@ -67,7 +67,10 @@ class Guard:
             return await self._refuse(scope, send, 401, error_body("invalid API key", None, "authentication_error"))
         too_big = error_body(f"request body larger than {self.limit} bytes", None, "request_too_large")
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
+        if length is not None and not length.strip().isdigit():
+            return await self._refuse(scope, send, 400, error_body(
+                f"Content-Length: expected a number of bytes, got {length[:40]!r}", None))
+        if length is not None and int(length) > self.limit:
             return await self._refuse(scope, send, 413, too_big)
         chunks, size = [], 0
         while True:
