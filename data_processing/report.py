@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,8 @@ def write_report(data_dir: str | Path, out: str | Path) -> Path:
              "validation bytes"], lang_rows)),
         ("Dropped", img("dropped.png") + table(["stage:reason", "files", "bytes"],
                                                  [[k, v["files"], v["bytes"]] for k, v in drops.items()])),
+        ("Licenses", _licenses_html(rep)),
+        ("Redaction (secrets and personal data)", _redaction_html(rep)),
         ("Decontamination", _decontamination_html(rep)),
         ("Dedup clusters", img("dedup_clusters.png") + table(["size", "survivor", "removed examples"],
                                                                 cluster_rows)),
@@ -190,6 +193,36 @@ def write_report(data_dir: str | Path, out: str | Path) -> Path:
     index = out / "index.html"
     index.write_text(page(title, sections))
     return index
+
+
+def license_rows(report: dict[str, Any]) -> tuple[list[list[Any]], list[list[Any]]]:
+    """Table rows of the license section: per decision and per license value (files, bytes)."""
+    lic = report.get("licenses", {})
+    by_decision = [[k, v.get("files", 0), v.get("bytes", 0)] for k, v in lic.get("by_decision", {}).items()]
+    by_license = [[k, v.get("decision", ""), v.get("files", 0), v.get("bytes", 0)]
+                  for k, v in lic.get("by_license", {}).items()]
+    return by_decision, by_license
+
+
+def _licenses_html(rep: dict[str, Any]) -> str:
+    """The license section: the policy, then counts per decision and per license."""
+    if "licenses" not in rep:
+        return "<p>not recorded (a report written before the stage existed)</p>"
+    by_decision, by_license = license_rows(rep)
+    policy = rep["licenses"].get("policy", "any")
+    return (f"<p>policy: {escape(str(policy))}</p>" + table(["decision", "files", "bytes"], by_decision)
+            + table(["license", "decision", "files", "bytes"], by_license))
+
+
+def _redaction_html(rep: dict[str, Any]) -> str:
+    """The redaction section: off, or placeholders written per kind and files changed."""
+    red = rep.get("redact", {})
+    if not red.get("enabled"):
+        return "<p>off (or a report written before the stage existed)</p>"
+    rows = [[kind, n] for kind, n in red.get("redacted", {}).items()]
+    return (table(["files scanned", "files changed", "placeholders written"],
+                  [[red.get("files"), red.get("files_changed"), red.get("redacted_total")]])
+            + table(["kind", "redacted"], rows))
 
 
 def _decontamination_html(rep: dict[str, Any]) -> str:

@@ -63,3 +63,24 @@ def test_no_jax_or_train_import():
     code = "import sys, data_processing.report; assert not any(m == 'jax' or m.startswith(('jax.', 'train')) " \
            "for m in sys.modules), [m for m in sys.modules if m.startswith(('jax', 'train'))]"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_license_and_redaction_counts_on_the_page(tmp_path):
+    rep = {**KNOWN,
+           "licenses": {"policy": "permissive", "keep_unknown": False,
+                        "by_decision": {"kept": {"files": 5, "bytes": 500}, "dropped_not_allowed": {"files": 2,
+                                                                                                 "bytes": 70}},
+                        "by_license": {"MIT": {"files": 5, "bytes": 500, "decision": "kept"},
+                                       "GPL-3.0-only": {"files": 2, "bytes": 70, "decision": "dropped_not_allowed"}}},
+           "redact": {"enabled": True, "files": 6, "files_changed": 2, "redacted": {"email": 3, "aws_key": 1},
+                      "redacted_total": 4}}
+    assert DR.license_rows(rep) == ([["kept", 5, 500], ["dropped_not_allowed", 2, 70]],
+                                    [["MIT", "kept", 5, 500], ["GPL-3.0-only", "dropped_not_allowed", 2, 70]])
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    page = DR.write_report(tmp_path, tmp_path / "out").read_text()
+    for text in ("policy: permissive", "<td>GPL-3.0-only</td><td>dropped_not_allowed</td><td>2</td>",
+                 "<td>aws_key</td><td>1</td>", "<td>6</td><td>2</td><td>4</td>"):
+        assert text in page, text
+    (tmp_path / "report.json").write_text(json.dumps(KNOWN))  # an older report: the sections say so
+    page = DR.write_report(tmp_path, tmp_path / "old").read_text()
+    assert "Licenses" in page and "Redaction" in page and "off (or a report" in page
