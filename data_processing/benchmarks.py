@@ -39,8 +39,9 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
-def _parse_problem(line: str, where: str, required: tuple[str, ...]) -> dict[str, Any]:
-    """One line as a problem: a JSON object holding every ``required`` field as a string."""
+def parse_json_line(line: str, where: str, required: tuple[str, ...]) -> dict[str, Any]:
+    """One JSONL line of a benchmark-format file (a problem, a completion): a JSON object holding
+    every ``required`` field as a string; else a ``BenchmarkFileError`` naming ``where``."""
     try:
         problem = json.loads(line)
     except json.JSONDecodeError as err:
@@ -69,7 +70,7 @@ def read_problem_file(path: str | os.PathLike, required: tuple[str, ...] = FIELD
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
-                problem = _parse_problem(line, where, tuple(dict.fromkeys(("task_id", *required))))
+                problem = parse_json_line(line, where, tuple(dict.fromkeys(("task_id", *required))))
                 if problem["task_id"] in problems:
                     raise BenchmarkFileError(f"{where}: task_id {problem['task_id']!r} repeated")
                 problems[problem["task_id"]] = problem

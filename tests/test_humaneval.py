@@ -220,9 +220,9 @@ def test_cli_completions_file(tmp_path, problems, capsys):
 
 @pytest.mark.parametrize("line, says", [
     ("{not json", ":2: not JSON"),
-    ('["HumanEval/0", "x"]', ":2: expected an object"),
-    ('{"task_id": "HumanEval/0"}', ":2: field 'completion' must be a string"),
-    ('{"task_id": "HumanEval/0", "completion": 7}', ":2: field 'completion' must be a string"),
+    ('["HumanEval/0", "x"]', ":2: not a JSON object"),
+    ('{"task_id": "HumanEval/0"}', ":2: missing field 'completion'"),
+    ('{"task_id": "HumanEval/0", "completion": 7}', ":2: field 'completion' is not a string"),
     ('{"task_id": "Nope/1", "completion": "x"}', ":2: unknown task_id 'Nope/1'"),
 ])
 def test_cli_bad_completions_line_is_named(tmp_path, problems, capsys, line, says):

@@ -35,6 +35,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from data_processing.benchmarks import parse_json_line
 from train.evaluation.code_eval import KS, add_harness_args, evaluate, read_problems, truncate
 from train.evaluation.results_table import append_row
 from train.evaluation.sandbox import SandboxUnavailableError, require_isolation
@@ -54,16 +55,9 @@ def load_completions(path: str | Path, problems: dict) -> dict[str, list[str]]:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: expected an object with 'task_id' and 'completion'")
-            if rec.get("task_id") not in problems:
-                raise ValueError(f"{path}:{n}: unknown task_id {rec.get('task_id')!r}")
-            if not isinstance(rec.get("completion"), str):
-                raise ValueError(f"{path}:{n}: field 'completion' must be a string, got {rec.get('completion')!r:.40}")
+            rec = parse_json_line(line, f"{path}:{n}", ("task_id", "completion"))
+            if rec["task_id"] not in problems:
+                raise ValueError(f"{path}:{n}: unknown task_id {rec['task_id']!r}")
             completions[rec["task_id"]].append(truncate(rec["completion"]))
     return dict(completions)
 
