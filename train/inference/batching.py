@@ -416,7 +416,7 @@ class ContinuousWorker:
                 job = self.engine.queue.get(timeout=0.1) if wait else self.engine.queue.get_nowait()
             except queue.Empty:
                 break
-            if wait or not jobs:
+            if not jobs:
                 self.engine.whole_requests()  # the rest of this job's request is queued before we drain
             if job.future.cancelled():  # timed out or refused while queued
                 continue
